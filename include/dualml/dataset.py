@@ -1,0 +1,214 @@
+"""Dataset layout, validation and the deterministic, stratified train/val/test split.
+
+Pure Python (no TensorFlow), so Airflow tasks can validate and stage a dataset cheaply and
+both trainers read the *same* split manifest: the two models are evaluated on one test set.
+
+Layout (tf_flowers): ``root/<class>/*.jpg|jpeg|png``, on local disk or ``gs://``.
+Class names are sorted; a class's index is its position in that sorted list, everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from dataclasses import asdict, dataclass, field
+
+from dualml import storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+SPLITS = ("train", "val", "test")
+MANIFEST_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be trained on; the message names what is wrong and how to fix it."""
+
+
+def list_image_folder(root: str) -> dict[str, list[str]]:
+    """Map each class (sub-folder name) to its sorted image files. Ignores non-image files."""
+    root = root.rstrip("/")
+    try:
+        files = storage.list_files(root)
+    except storage.StorageError as e:
+        raise DatasetError(f"dataset location {root} not found: {e}") from e
+    classes: dict[str, list[str]] = {}
+    prefix = root + "/"
+    for f in files:
+        rel = f[len(prefix) :] if f.startswith(prefix) else f
+        parts = rel.split("/")
+        if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
+            continue  # stray files (README, manifests, nested folders) are not images of a class
+        classes.setdefault(parts[0], []).append(f)
+    return {c: sorted(v) for c, v in sorted(classes.items())}
+
+
+def check_image(data: bytes) -> str | None:
+    """Return None if ``data`` decodes as a JPEG/PNG image, else the reason it does not."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "PNG"):
+                return f"unsupported format {im.format} (use JPEG or PNG)"
+            im.load()  # full decode: catches truncated files that verify() misses
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"not a readable image ({e})"
+    return None
+
+
+@dataclass
+class ValidationReport:
+    classes: dict[str, int]
+    bad_files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return sum(self.classes.values())
+
+
+def validate(
+    files_by_class: dict[str, list[str]],
+    *,
+    min_classes: int = 2,
+    min_per_class: int = 3,
+    max_bad_fraction: float = 0.0,
+    read=storage.read_bytes,
+) -> tuple[dict[str, list[str]], ValidationReport]:
+    """Check a listed dataset; return the usable files per class and a report.
+
+    Raises DatasetError for: fewer than ``min_classes`` classes, a class with fewer than
+    ``min_per_class`` readable images (too few to put one in each split), or more unreadable
+    images than ``max_bad_fraction`` tolerates (naming them). Tolerated bad files are dropped
+    with a warning.
+    """
+    if not 0 <= max_bad_fraction < 1:
+        raise DatasetError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
+    if len(files_by_class) < min_classes:
+        found = ", ".join(files_by_class) or "none"
+        raise DatasetError(
+            f"found {len(files_by_class)} class folder(s) with images ({found}); need at least "
+            f"{min_classes}. Expected layout: <root>/<class_name>/<image>.jpg"
+        )
+    bad: dict[str, str] = {}
+    good: dict[str, list[str]] = {}
+    for cls, files in files_by_class.items():
+        good[cls] = []
+        for f in files:
+            reason = check_image(read(f))
+            if reason:
+                bad[f] = reason
+            else:
+                good[cls].append(f)
+    total = sum(len(v) for v in files_by_class.values())
+    report = ValidationReport(classes={c: len(v) for c, v in good.items()}, bad_files=bad)
+    if bad:
+        listing = "; ".join(f"{f}: {r}" for f, r in list(bad.items())[:10])
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        if len(bad) > max_bad_fraction * total:
+            raise DatasetError(
+                f"{len(bad)} of {total} images are unreadable, above the tolerated "
+                f"{max_bad_fraction:.0%}: {listing}{more}. Remove or re-export them, or raise max_bad_fraction."
+            )
+        report.warnings.append(f"skipping {len(bad)} unreadable image(s): {listing}{more}")
+    small = {c: n for c, n in report.classes.items() if n < min_per_class}
+    if small:
+        desc = ", ".join(f"{c} ({n})" for c, n in small.items())
+        raise DatasetError(
+            f"class(es) with too few readable images for a train/val/test split: {desc}; "
+            f"each class needs at least {min_per_class}. Add images or remove the class folder."
+        )
+    return good, report
+
+
+@dataclass
+class SplitManifest:
+    """Which file is in which split, with the class order. Written as ``split.json``."""
+
+    labels: list[str]
+    seed: int
+    fractions: dict[str, float]
+    files: dict[str, list[tuple[str, int]]]  # split -> [(uri, class_index)]
+    data_root: str = ""
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["files"] = {s: [[u, i] for u, i in v] for s, v in self.files.items()}
+        d["fingerprint"] = self.fingerprint()
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> SplitManifest:
+        d = json.loads(text)
+        if d.get("version") != MANIFEST_VERSION:
+            raise DatasetError(f"split manifest version {d.get('version')} is not {MANIFEST_VERSION}")
+        d.pop("fingerprint", None)
+        d["files"] = {s: [(u, int(i)) for u, i in v] for s, v in d["files"].items()}
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the split's content (labels, files, assignment)."""
+        h = hashlib.sha256(json.dumps([self.labels, self.files], sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(v) for s, v in self.files.items()}
+
+
+def stratified_split(
+    files_by_class: dict[str, list[str]],
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 42,
+    data_root: str = "",
+) -> SplitManifest:
+    """Seeded per-class split: every class appears in every split in the same proportions.
+
+    Deterministic: depends only on the sorted file names and the seed, not on listing order.
+    """
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DatasetError(
+            f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in (0, 1) "
+            "and sum to less than 1"
+        )
+    labels = sorted(files_by_class)
+    out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    for idx, cls in enumerate(labels):
+        files = sorted(files_by_class[cls])
+        if len(files) < 3:
+            raise DatasetError(f"class {cls!r} has {len(files)} image(s); a split needs at least 3")
+        # One RNG per class, seeded by (seed, class) so adding a class does not reshuffle others.
+        rng = random.Random(f"{seed}:{cls}")
+        rng.shuffle(files)
+        n = len(files)
+        n_test = max(1, round(n * test_fraction))
+        n_val = max(1, round(n * val_fraction))
+        if n - n_test - n_val < 1:
+            n_val = max(1, n - n_test - 1)
+        out["test"] += [(f, idx) for f in files[:n_test]]
+        out["val"] += [(f, idx) for f in files[n_test : n_test + n_val]]
+        out["train"] += [(f, idx) for f in files[n_test + n_val :]]
+    for s in SPLITS:
+        out[s].sort()
+    return SplitManifest(
+        labels=labels,
+        seed=seed,
+        fractions={"val": val_fraction, "test": test_fraction},
+        files=out,
+        data_root=data_root,
+    )
+
+
+def labels_text(labels: list[str]) -> str:
+    """``labels.txt``: one class name per line, line number = class index."""
+    return "".join(f"{name}\n" for name in labels)
+
+
+def parse_labels(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -1,0 +1,5 @@
+import sys
+
+from dualml.trainer.task import main
+
+sys.exit(main())
