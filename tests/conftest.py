@@ -1,0 +1,94 @@
+"""Shared pytest fixtures. Each fixture below is self-contained; add new ones in their own section."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# --- gcs_emulator -------------------------------------------------------------------------------
+# A real GCS JSON API server (gcp-storage-emulator, in memory) for the whole test session.
+# Yields its endpoint URL ("http://127.0.0.1:<port>") with STORAGE_EMULATOR_HOST pointing at it;
+# the previous value is restored afterwards. google-cloud-storage (and so dualml.storage) honour
+# that variable. Create buckets with
+#     storage.Client(project="local-project", credentials=AnonymousCredentials()).create_bucket(name)
+# and use unique bucket names per test: the emulator is shared by the session.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _emulator_executable() -> str:
+    candidate = Path(sys.executable).parent / "gcp-storage-emulator"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("gcp-storage-emulator")
+    if not found:
+        pytest.skip("gcp-storage-emulator is not installed (pip install gcp-storage-emulator)")
+    return found
+
+
+def _reset_dualml_storage_client() -> None:
+    # dualml.storage caches its client; a client made before the emulator variable changed
+    # would keep talking to the old endpoint.
+    try:
+        from dualml import storage
+    except ImportError:
+        return
+    cache_clear = getattr(getattr(storage, "_client", None), "cache_clear", None)
+    if cache_clear:
+        cache_clear()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [_emulator_executable(), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"gcp-storage-emulator exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"gcp-storage-emulator did not listen on {port} in 30 s:\n{log_path.read_text()}"
+                    )
+                time.sleep(0.2)
+        previous = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        _reset_dualml_storage_client()
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop("STORAGE_EMULATOR_HOST", None)
+            else:
+                os.environ["STORAGE_EMULATOR_HOST"] = previous
+            _reset_dualml_storage_client()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
