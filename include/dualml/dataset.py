@@ -33,8 +33,13 @@ def list_image_folder(root: str) -> dict[str, list[str]]:
         files = storage.list_files(root)
     except storage.StorageError as e:
         raise DatasetError(f"dataset location {root} not found: {e}") from e
+    return group_by_class(root, files)
+
+
+def group_by_class(root: str, files: list[str]) -> dict[str, list[str]]:
+    """Group file URIs listed under ``root`` by class folder; stray and nested files are ignored."""
     classes: dict[str, list[str]] = {}
-    prefix = root + "/"
+    prefix = root.rstrip("/") + "/"
     for f in files:
         rel = f[len(prefix) :] if f.startswith(prefix) else f
         parts = rel.split("/")
@@ -190,7 +195,9 @@ def stratified_split(
         n_test = max(1, round(n * test_fraction))
         n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
-            n_val = max(1, n - n_test - 1)
+            # Keep at least one image for train: shrink test too when it alone leaves < 2 (n >= 3).
+            n_test = min(n_test, n - 2)
+            n_val = n - n_test - 1
         out["test"] += [(f, idx) for f in files[:n_test]]
         out["val"] += [(f, idx) for f in files[n_test : n_test + n_val]]
         out["train"] += [(f, idx) for f in files[n_test + n_val :]]

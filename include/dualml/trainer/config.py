@@ -64,8 +64,9 @@ class TrainConfig:
             raise ConfigError(f"--fine-tune-epochs must be >= 0, got {self.fine_tune_epochs}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.learning_rate <= 0 or self.fine_tune_learning_rate <= 0:
-            raise ConfigError("learning rates must be > 0")
+        for name in ("learning_rate", "fine_tune_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         return self
 
     @property

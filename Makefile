@@ -1,0 +1,43 @@
+# dual-deploy: `make run` (local end-to-end run) and `make test`.
+SHELL := /bin/bash
+PY_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?=
+
+.PHONY: help setup test test-fast lint run stop bench clean
+
+help:
+	@echo "make setup   - create .venv and install requirements (uv, ~1-2 min)"
+	@echo "make run     - sample data -> GCS emulator -> Airflow -> dual_deployment DAG (DATA=/path/to/folder to use yours)"
+	@echo "make stop    - stop the emulator and endpoint processes make run started"
+	@echo "make test    - ruff + the whole test suite"
+	@echo "make bench   - benchmarks"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@command -v uv >/dev/null 2>&1 || $(PY_BOOT) -m pip install --quiet --disable-pip-version-check uv
+	@if command -v uv >/dev/null 2>&1; then UV=uv; else UV="$(PY_BOOT) -m uv"; fi; \
+	  $$UV venv --allow-existing -p 3.11 $(VENV) && VIRTUAL_ENV=$(VENV) $$UV pip install -r requirements-dev.txt
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check dags plugins include tests scripts
+	$(VENV)/bin/ruff check --select AIR3 dags plugins
+
+test: setup lint
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+run: setup
+	@bash scripts/run_local.sh "$(DATA)"
+
+stop:
+	@bash scripts/stop_local.sh
+
+clean: stop
+	rm -rf .state data

@@ -1,0 +1,69 @@
+"""
+### dual_deployment
+
+Trains two image classifiers from the same data and ships each where it is used:
+
+| target | model | goes to |
+|---|---|---|
+| `cloud` | DenseNet121 | a prediction endpoint (Vertex AI; locally the serving app over HTTP) |
+| `mobile` | MobileNetV3 | a validated `.tflite`, published for apps (Firebase; locally a bucket) |
+
+`validate_dataset` → `stage_split` (one split for every target) → one TaskGroup per target
+from `dags/config/dual_deploy.yaml` (in parallel) → `run_summary` (`run_summary.json` with
+the run's artifacts). The platform (`DUAL_DEPLOY_PLATFORM`: `local` default, or `gcp`)
+changes which operators run, never the shape of this DAG.
+
+Params: `data_uri` (dataset root), `epochs` (override for every target).
+"""
+
+from pathlib import Path
+
+from airflow.sdk import DAG
+
+from dual_deploy.config import load_config
+from dual_deploy.dag_helpers import DEFAULT_ARGS, TEMPLATE_FILTERS, run_params, run_uri
+from dual_deploy.operators.dataset import StageSplitOperator, ValidateDatasetOperator
+from dual_deploy.operators.summary import RunSummaryOperator
+from dual_deploy.platforms import build_target_group
+
+CONFIG = load_config(Path(__file__).parent / "config" / "dual_deploy.yaml")
+RUN_URI = run_uri(CONFIG)
+SPLIT_URI = f"{RUN_URI}/split.json"
+
+with DAG(
+    dag_id="dual_deployment",
+    schedule=CONFIG.schedule,
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=run_params(CONFIG),
+    user_defined_filters=TEMPLATE_FILTERS,
+    tags=["ml", "vertex-ai", "tflite", CONFIG.platform],
+    doc_md=__doc__,
+):
+    validate = ValidateDatasetOperator(
+        task_id="validate_dataset",
+        data_uri="{{ params.data_uri }}",
+        min_classes=CONFIG.data.min_classes,
+        min_images_per_class=CONFIG.data.min_images_per_class,
+        max_bad_fraction=CONFIG.data.max_bad_fraction,
+    )
+    split = StageSplitOperator(
+        task_id="stage_split",
+        data_uri="{{ params.data_uri }}",
+        split_uri=SPLIT_URI,
+        val_fraction=CONFIG.data.val_fraction,
+        test_fraction=CONFIG.data.test_fraction,
+        seed=CONFIG.data.seed,
+        exclude=validate.output["bad_files"],
+    )
+    targets = [build_target_group(t, CONFIG, RUN_URI, SPLIT_URI) for t in CONFIG.targets]
+    summary = RunSummaryOperator(
+        task_id="run_summary",
+        targets={t.name: t.kind for t in CONFIG.targets},
+        summary_uri=f"{RUN_URI}/run_summary.json",
+        artifacts_uri=RUN_URI,
+        platform=CONFIG.platform,
+        local_copy_path=f"{CONFIG.local.state_dir}/run_summary.json" if CONFIG.platform == "local" else None,
+    )
+    validate >> split >> targets >> summary

@@ -1,0 +1,238 @@
+"""The one validated place for configuration.
+
+``dags/config/dual_deploy.yaml`` holds the defaults for every platform plus per-platform
+overrides; ``DUAL_DEPLOY_PLATFORM`` (or the Airflow Variable ``dual_deploy_platform``, set
+as ``AIRFLOW_VAR_DUAL_DEPLOY_PLATFORM``) picks the platform; ``DUAL_DEPLOY_CONFIG`` points at
+another file. Errors name the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PLATFORMS = ("local", "gcp")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "dags" / "config" / "dual_deploy.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    uri: str = Field(description="image folder root: gs://bucket/prefix (tf_flowers layout)")
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int = 42
+    min_classes: int = Field(2, ge=2)
+    min_images_per_class: int = Field(5, ge=3)
+    max_bad_fraction: float = Field(0.02, ge=0, lt=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _gcs(cls, v: str) -> str:
+        if not v.startswith("gs://"):
+            raise ValueError(f"must be a gs:// URI (the local platform runs a GCS emulator), got {v!r}")
+        return v.rstrip("/")
+
+
+class TrainingConfig(_Strict):
+    image_size: int = Field(224, ge=32, le=1024)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(10, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weights: str | None = "imagenet"
+    fine_tune_epochs: int = Field(0, ge=0)
+    fine_tune_at: int = Field(0, ge=0)
+    early_stopping_patience: int = Field(3, ge=1)
+    augment: bool = True
+    # Vertex AI machine for this target's training job (ignored by the local platform).
+    machine_type: str = "n1-standard-4"
+    accelerator_type: str | None = "NVIDIA_TESLA_T4"
+    accelerator_count: int = Field(1, ge=0)
+    replica_count: int = Field(1, ge=1)
+    spot: bool = False
+
+    def trainer_args(self) -> list[str]:
+        """CLI flags for ``python -m dualml.trainer``: the same list locally and on Vertex."""
+        args = [
+            f"--image-size={self.image_size}",
+            f"--batch-size={self.batch_size}",
+            f"--epochs={self.epochs}",
+            f"--learning-rate={self.learning_rate}",
+            f"--weights={self.weights or 'none'}",
+            f"--fine-tune-epochs={self.fine_tune_epochs}",
+            f"--fine-tune-at={self.fine_tune_at}",
+            f"--early-stopping-patience={self.early_stopping_patience}",
+            f"--augment={str(self.augment).lower()}",
+        ]
+        return args
+
+
+class EndpointConfig(_Strict):
+    display_name: str
+    model_display_name: str
+    machine_type: str = "n1-standard-4"
+    min_replica_count: int = Field(1, ge=1)
+    max_replica_count: int = Field(1, ge=1)
+    canary_traffic_percent: int = Field(10, ge=1, le=100)
+    smoke_instances: int = Field(2, ge=1, le=16)
+
+
+class TFLiteConfig(_Strict):
+    mode: Literal["float32", "dynamic", "float16", "int8"] = "dynamic"
+    min_agreement: float = Field(0.99, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    max_size_mb: float | None = Field(20.0, gt=0)
+    num_calibration_images: int = Field(100, ge=1)
+
+
+class PublishConfig(_Strict):
+    display_name: str
+    tags: list[str] = []
+    backend: Literal["local", "firebase_ml", "firebase_storage"] = "local"
+
+
+class TargetConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
+    kind: Literal["endpoint", "mobile"]
+    architecture: Literal["densenet121", "mobilenet_v3_small", "mobilenet_v3_large"]
+    training: TrainingConfig = TrainingConfig()
+    endpoint: EndpointConfig | None = None
+    tflite: TFLiteConfig | None = None
+    publish: PublishConfig | None = None
+
+    @model_validator(mode="after")
+    def _kind_sections(self):
+        if self.kind == "endpoint" and self.endpoint is None:
+            raise ValueError(f"target {self.name!r} has kind 'endpoint' but no 'endpoint:' section")
+        if self.kind == "mobile" and (self.tflite is None or self.publish is None):
+            raise ValueError(f"target {self.name!r} has kind 'mobile' but lacks a 'tflite:' or 'publish:' section")
+        return self
+
+
+class LocalConfig(_Strict):
+    storage_emulator_host: str = "http://127.0.0.1:9023"
+    bucket: str = "dual-deploy-local"
+    state_dir: str = ".state"
+    endpoint_host: str = "127.0.0.1"
+    endpoint_base_port: int = Field(8501, ge=1024, le=65000)
+    python: str | None = None  # interpreter for trainer/serving processes; default: the running one
+    startup_timeout_s: int = Field(180, ge=5)
+
+
+class GcpConfig(_Strict):
+    project: str = ""
+    region: str = "us-central1"
+    staging_bucket: str = ""
+    trainer_image: str = ""
+    serving_image: str = ""
+    service_account: str | None = None
+    firebase_project: str | None = None
+    firebase_storage_bucket: str | None = None
+    gcp_conn_id: str = "google_cloud_default"
+    firebase_conn_id: str = "firebase_default"
+
+
+class Config(_Strict):
+    platform: Literal["local", "gcp"] = "local"
+    artifacts_uri: str
+    data: DataConfig
+    schedule: str | None = "0 3 * * 1"
+    targets: list[TargetConfig]
+    local: LocalConfig = LocalConfig()
+    gcp: GcpConfig = GcpConfig()
+
+    @model_validator(mode="after")
+    def _checks(self):
+        names = [t.name for t in self.targets]
+        if not names:
+            raise ValueError("no targets: add at least one entry under 'targets:'")
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names must be unique, got {names}")
+        if not self.artifacts_uri.startswith("gs://"):
+            raise ValueError(f"artifacts_uri must be a gs:// URI, got {self.artifacts_uri!r}")
+        if self.platform == "gcp":
+            missing = [k for k in ("project", "staging_bucket", "trainer_image", "serving_image") if not getattr(self.gcp, k)]
+            if missing:
+                raise ValueError(f"platform 'gcp' needs gcp.{', gcp.'.join(missing)} set in the config file")
+        return self
+
+    def target(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise ConfigError(f"no target named {name!r}; configured: {[t.name for t in self.targets]}")
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _merge_targets(targets: list[dict], overrides: dict) -> list[dict]:
+    """Per-platform target overrides are keyed by target name."""
+    unknown = set(overrides) - {t.get("name") for t in targets}
+    if unknown:
+        raise ConfigError(f"platform override for unknown target(s) {sorted(unknown)}")
+    return [_deep_merge(t, overrides.get(t.get("name"), {})) for t in targets]
+
+
+def resolve_platform(raw_default: str | None = None) -> str:
+    value = (
+        os.environ.get("DUAL_DEPLOY_PLATFORM")
+        or os.environ.get("AIRFLOW_VAR_DUAL_DEPLOY_PLATFORM")
+        or raw_default
+        or "local"
+    ).strip().lower()
+    if value not in PLATFORMS:
+        raise ConfigError(f"platform {value!r} is not one of {', '.join(PLATFORMS)} (DUAL_DEPLOY_PLATFORM)")
+    return value
+
+
+def build_config(raw: dict, platform: str | None = None) -> Config:
+    """Merge ``platforms.<platform>`` over the base and validate."""
+    raw = dict(raw or {})
+    platforms = raw.pop("platforms", {}) or {}
+    platform = platform or resolve_platform(raw.get("platform"))
+    override = dict(platforms.get(platform, {}) or {})
+    target_overrides = override.pop("targets", {}) or {}
+    merged = _deep_merge(raw, override)
+    merged["targets"] = _merge_targets(merged.get("targets", []), target_overrides)
+    merged["platform"] = platform
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid dual-deploy config ({platform}): {problems}") from None
+
+
+@lru_cache(maxsize=8)
+def _load_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found (set DUAL_DEPLOY_CONFIG)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, platform: str | None = None) -> Config:
+    path = str(path or os.environ.get("DUAL_DEPLOY_CONFIG") or DEFAULT_CONFIG)
+    return build_config(_load_file(path), platform)

@@ -1,0 +1,1 @@
+"""Custom operators. Each keeps execute() small; heavy libraries are imported inside it."""

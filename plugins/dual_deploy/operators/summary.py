@@ -1,0 +1,126 @@
+"""The run summary: what each target produced, where it went, and how long each step took."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from dual_deploy.hooks.gcs_io import GcsIO
+
+# Which step's XCom feeds which summary section of a target.
+_SECTIONS = {"train": "training", "register_model": "model", "deploy": "endpoint",
+             "convert_tflite": "tflite", "publish": "published"}
+
+
+def build_summary(*, dag_id: str, run_id: str, platform: str, targets: dict[str, str], states: dict[str, str],
+                  xcoms: dict[str, dict | None], artifacts_uri: str) -> dict:
+    """Assemble the summary from task states and XComs (pure: unit-testable)."""
+    steps = {tid: {"state": states.get(tid), "duration_s": (xcoms.get(tid) or {}).get("duration_s")}
+             for tid in sorted(states)}
+    out_targets = {}
+    for name, kind in targets.items():
+        group = {tid.split(".", 1)[1]: x for tid, x in xcoms.items() if tid.startswith(name + ".")}
+        group_states = {tid: s for tid, s in states.items() if tid.startswith(name + ".")}
+        ok = bool(group_states) and all(s == "success" for s in group_states.values())
+        t = {"kind": kind, "status": "success" if ok else "failed",
+             "failed_steps": sorted(tid for tid, s in group_states.items() if s not in ("success", None))}
+        for step, section in _SECTIONS.items():
+            if group.get(step):
+                t[section] = {k: v for k, v in group[step].items() if k != "duration_s"}
+        if "training" in t:
+            m = t["training"].get("metrics", {})
+            t["metrics"] = {k: m.get(k) for k in ("accuracy", "macro_f1", "num_examples", "per_class",
+                                                   "confusion_matrix", "labels")}
+            t["training"] = {k: v for k, v in t["training"].items() if k != "metrics"}
+        out_targets[name] = t
+    return {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "platform": platform,
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "status": "success" if all(t["status"] == "success" for t in out_targets.values()) else "failed",
+        "artifacts_uri": artifacts_uri,
+        "data": xcoms.get("validate_dataset"),
+        "split": xcoms.get("stage_split"),
+        "targets": out_targets,
+        "steps": steps,
+    }
+
+
+def render_text(summary: dict) -> str:
+    """A short human-readable form for the task log and `make run`."""
+    lines = [f"run {summary['run_id']} on {summary['platform']}: {summary['status'].upper()}"]
+    split = summary.get("split") or {}
+    if split:
+        lines.append(f"  data: {len(split.get('labels', []))} classes, split {split.get('counts')}")
+    for name, t in summary["targets"].items():
+        m = t.get("metrics") or {}
+        acc = f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a"
+        lines.append(f"  [{name}] {t['status']}: test accuracy {acc}")
+        if t.get("model"):
+            lines.append(f"      model {t['model'].get('model_resource_name')}")
+        if t.get("endpoint"):
+            e = t["endpoint"]
+            lines.append(f"      endpoint {e.get('prediction_url')} serving version {e.get('model_version_id')}")
+        if t.get("tflite"):
+            x = t["tflite"]
+            lines.append(
+                f"      tflite {x.get('mode')}: {x.get('size_bytes', 0) / 1e6:.2f} MB, agreement "
+                f"{x.get('top1_agreement', 0):.1%}, accuracy {x.get('tflite_accuracy', 0):.1%}, "
+                f"p95 {x.get('latency_ms_p95', 0):.1f} ms"
+            )
+        if t.get("published"):
+            p = t["published"]
+            lines.append(f"      published {p.get('display_name')} id {p.get('model_id')} version {p.get('version')}")
+        if t["failed_steps"]:
+            lines.append(f"      failed/skipped steps: {', '.join(t['failed_steps'])}")
+    timed = [(tid, s["duration_s"]) for tid, s in summary["steps"].items() if s.get("duration_s") is not None]
+    if timed:
+        lines.append("  durations: " + ", ".join(f"{tid} {d:.0f}s" for tid, d in timed))
+    return "\n".join(lines)
+
+
+class RunSummaryOperator(BaseOperator):
+    """Write ``run_summary.json`` with the run's artifacts (and a local copy), log it, and fail
+    the run if any target failed. Runs whatever happened upstream (trigger rule all_done).
+
+    XCom: the summary's URI and status.
+    """
+
+    template_fields: Sequence[str] = ("summary_uri", "artifacts_uri", "local_copy_path")
+
+    def __init__(self, *, targets: dict[str, str], summary_uri: str, artifacts_uri: str, platform: str,
+                 local_copy_path: str | None = None, gcp_conn_id: str = "google_cloud_default", **kwargs):
+        kwargs.setdefault("trigger_rule", "all_done")
+        super().__init__(**kwargs)
+        self.targets = targets
+        self.summary_uri = summary_uri
+        self.artifacts_uri = artifacts_uri
+        self.platform = platform
+        self.local_copy_path = local_copy_path
+        self.gcp_conn_id = gcp_conn_id
+
+    def execute(self, context) -> dict:
+        ti = context["ti"]
+        run_id = context["run_id"]
+        task_ids = [t for t in self.dag.task_ids if t != self.task_id]
+        states = ti.get_task_states(dag_id=self.dag_id, task_ids=task_ids, run_ids=[run_id]).get(run_id, {})
+        xcoms = {tid: ti.xcom_pull(task_ids=tid) for tid in task_ids}
+        summary = build_summary(dag_id=self.dag_id, run_id=run_id, platform=self.platform, targets=self.targets,
+                                states=states, xcoms=xcoms, artifacts_uri=self.artifacts_uri)
+        summary["summary_uri"] = self.summary_uri
+        GcsIO(self.gcp_conn_id).write_json(self.summary_uri, summary)
+        if self.local_copy_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.local_copy_path)), exist_ok=True)
+            with open(self.local_copy_path, "w") as f:
+                json.dump(summary, f, indent=1, sort_keys=True)
+        self.log.info("run summary %s\n%s", self.summary_uri, render_text(summary))
+        if summary["status"] != "success":
+            failed = [n for n, t in summary["targets"].items() if t["status"] != "success"]
+            raise AirflowFailException(f"target(s) {', '.join(failed)} failed; summary written to {self.summary_uri}")
+        return {"summary_uri": self.summary_uri, "local_copy_path": self.local_copy_path, "status": summary["status"]}
