@@ -10,10 +10,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from dual_deploy.hooks.gcs_io import GcsIO
+from dual_deploy.operators.base import DictOutputOperator
 from dualml import dataset
 
 
@@ -32,7 +32,7 @@ def _locate(io: GcsIO, data_uri: str) -> dict[str, list[str]]:
     return dataset.group_by_class(data_uri, files)
 
 
-class ValidateDatasetOperator(BaseOperator):
+class ValidateDatasetOperator(DictOutputOperator):
     """Check that ``data_uri`` holds a trainable tf_flowers-layout dataset.
 
     Every image is downloaded and decoded (in parallel): corrupt files are named. Up to
@@ -86,7 +86,7 @@ class ValidateDatasetOperator(BaseOperator):
         }
 
 
-class StageSplitOperator(BaseOperator):
+class StageSplitOperator(DictOutputOperator):
     """Write the run's deterministic, stratified ``split.json`` that every target trains on.
 
     ``exclude`` (usually the validation task's ``bad_files``) drops unreadable images.

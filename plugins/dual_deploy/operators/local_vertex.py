@@ -14,16 +14,16 @@ import sys
 import time
 from collections.abc import Sequence
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dual_deploy.hooks.gcs_io import GcsIO
 from dual_deploy.hooks.local_vertex import LocalVertexHook
 from dual_deploy.local_processes import ProcessFailed, child_env, run_streaming
+from dual_deploy.operators.base import DictOutputOperator
 from dual_deploy.smoke import SmokeTestFailed, smoke_test
 
 
-class LocalCustomTrainingJobOperator(BaseOperator):
+class LocalCustomTrainingJobOperator(DictOutputOperator):
     """Run ``python -m dualml.trainer <args>`` as Vertex AI would run the trainer image.
 
     Environment: AIP_MODEL_DIR=<base_output_dir>/model/, AIP_CHECKPOINT_DIR=<base_output_dir>/checkpoints/,
@@ -89,7 +89,7 @@ class _LocalVertexMixin:
         )
 
 
-class LocalUploadModelOperator(_LocalVertexMixin, BaseOperator):
+class LocalUploadModelOperator(_LocalVertexMixin, DictOutputOperator):
     """Register ``artifact_uri`` as a new version of ``display_name`` (parent created on first run).
 
     XCom: ``{"model_id", "model_version_id", "model_resource_name", "version_aliases", "artifact_uri",
@@ -128,7 +128,7 @@ class LocalUploadModelOperator(_LocalVertexMixin, BaseOperator):
         }
 
 
-class LocalDeployModelOperator(_LocalVertexMixin, BaseOperator):
+class LocalDeployModelOperator(_LocalVertexMixin, DictOutputOperator):
     """Get-or-create the endpoint and deploy the registered version after a smoke test.
 
     XCom: ``{"endpoint_id", "endpoint_display_name", "endpoint_created", "prediction_url",

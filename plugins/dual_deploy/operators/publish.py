@@ -7,14 +7,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from dual_deploy.hooks.gcs_io import GcsIO
 from dual_deploy.hooks.mobile_publisher import LocalMobilePublisherHook, MobileModelPublisher
+from dual_deploy.operators.base import DictOutputOperator
 
 
-class PublishMobileModelOperator(BaseOperator):
+class PublishMobileModelOperator(DictOutputOperator):
     """Create-or-update the mobile model ``display_name`` with ``tflite_uri`` and publish it.
 
     Runs only after the conversion task passed its validation thresholds (its upstream).

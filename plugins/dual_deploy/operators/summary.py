@@ -7,10 +7,10 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from dual_deploy.hooks.gcs_io import GcsIO
+from dual_deploy.operators.base import DictOutputOperator
 
 # Which step's XCom feeds which summary section of a target.
 _SECTIONS = {"train": "training", "register_model": "model", "deploy": "endpoint",
@@ -85,7 +85,7 @@ def render_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
-class RunSummaryOperator(BaseOperator):
+class RunSummaryOperator(DictOutputOperator):
     """Write ``run_summary.json`` with the run's artifacts (and a local copy), log it, and fail
     the run if any target failed. Runs whatever happened upstream (trigger rule all_done).
 

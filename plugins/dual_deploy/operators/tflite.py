@@ -9,10 +9,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from dual_deploy.hooks.gcs_io import GcsIO
+from dual_deploy.operators.base import DictOutputOperator
 from dualml.dataset import SplitManifest
 
 
@@ -35,7 +35,7 @@ def localize_manifest(io: GcsIO, manifest: SplitManifest, folder: str, splits: d
                          data_root=manifest.data_root)
 
 
-class ConvertToTFLiteOperator(BaseOperator):
+class ConvertToTFLiteOperator(DictOutputOperator):
     """Convert ``<model_dir>/model.keras`` to ``<output_dir>/model.tflite`` and validate it.
 
     Validation runs the .tflite in the LiteRT interpreter beside the Keras model on the
