@@ -17,9 +17,17 @@ _SECTIONS = {"train": "training", "register_model": "model", "deploy": "endpoint
              "convert_tflite": "tflite", "publish": "published"}
 
 
+_METRIC_KEYS = ("accuracy", "macro_f1", "num_examples", "per_class", "confusion_matrix", "labels")
+
+
 def build_summary(*, dag_id: str, run_id: str, platform: str, targets: dict[str, str], states: dict[str, str],
-                  xcoms: dict[str, dict | None], artifacts_uri: str) -> dict:
-    """Assemble the summary from task states and XComs (pure: unit-testable)."""
+                  xcoms: dict[str, dict | None], artifacts_uri: str, metrics: dict[str, dict] | None = None) -> dict:
+    """Assemble the summary from task states, XComs and each target's ``metrics.json`` (pure).
+
+    ``metrics`` comes from the artifacts, not XCom: on GCP the training step is the provider's
+    operator, whose XCom is the Vertex job, not our metrics.
+    """
+    metrics = metrics or {}
     steps = {tid: {"state": states.get(tid), "duration_s": (xcoms.get(tid) or {}).get("duration_s")}
              for tid in sorted(states)}
     out_targets = {}
@@ -32,10 +40,10 @@ def build_summary(*, dag_id: str, run_id: str, platform: str, targets: dict[str,
         for step, section in _SECTIONS.items():
             if group.get(step):
                 t[section] = {k: v for k, v in group[step].items() if k != "duration_s"}
+        m = metrics.get(name) or (t.get("training") or {}).get("metrics")
+        if m:
+            t["metrics"] = {k: m.get(k) for k in _METRIC_KEYS}
         if "training" in t:
-            m = t["training"].get("metrics", {})
-            t["metrics"] = {k: m.get(k) for k in ("accuracy", "macro_f1", "num_examples", "per_class",
-                                                   "confusion_matrix", "labels")}
             t["training"] = {k: v for k, v in t["training"].items() if k != "metrics"}
         out_targets[name] = t
     return {
@@ -111,10 +119,16 @@ class RunSummaryOperator(DictOutputOperator):
         task_ids = [t for t in self.dag.task_ids if t != self.task_id]
         states = ti.get_task_states(dag_id=self.dag_id, task_ids=task_ids, run_ids=[run_id]).get(run_id, {})
         xcoms = {tid: ti.xcom_pull(task_ids=tid) for tid in task_ids}
+        io = GcsIO(self.gcp_conn_id)
+        metrics = {}
+        for name in self.targets:
+            uri = f"{self.artifacts_uri.rstrip('/')}/{name}/model/metrics.json"
+            if io.exists(uri):
+                metrics[name] = io.read_json(uri)
         summary = build_summary(dag_id=self.dag_id, run_id=run_id, platform=self.platform, targets=self.targets,
-                                states=states, xcoms=xcoms, artifacts_uri=self.artifacts_uri)
+                                states=states, xcoms=xcoms, artifacts_uri=self.artifacts_uri, metrics=metrics)
         summary["summary_uri"] = self.summary_uri
-        GcsIO(self.gcp_conn_id).write_json(self.summary_uri, summary)
+        io.write_json(self.summary_uri, summary)
         if self.local_copy_path:
             os.makedirs(os.path.dirname(os.path.abspath(self.local_copy_path)), exist_ok=True)
             with open(self.local_copy_path, "w") as f:
