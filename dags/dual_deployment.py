@@ -16,6 +16,7 @@ changes which operators run, never the shape of this DAG.
 Params: `data_uri` (dataset root), `epochs` (override for every target).
 """
 
+import os
 from pathlib import Path
 
 from airflow.sdk import DAG
@@ -26,7 +27,8 @@ from dual_deploy.operators.dataset import StageSplitOperator, ValidateDatasetOpe
 from dual_deploy.operators.summary import RunSummaryOperator
 from dual_deploy.platforms import build_target_group
 
-CONFIG = load_config(Path(__file__).parent / "config" / "dual_deploy.yaml")
+# DUAL_DEPLOY_CONFIG (another config file) wins over the one beside this DAG, as everywhere else.
+CONFIG = load_config(os.environ.get("DUAL_DEPLOY_CONFIG") or Path(__file__).parent / "config" / "dual_deploy.yaml")
 RUN_URI = run_uri(CONFIG)
 SPLIT_URI = f"{RUN_URI}/split.json"
 
@@ -41,29 +43,31 @@ with DAG(
     tags=["ml", "vertex-ai", "tflite", CONFIG.platform],
     doc_md=__doc__,
 ):
-    validate = ValidateDatasetOperator(
+    validate_dataset = ValidateDatasetOperator(
         task_id="validate_dataset",
         data_uri="{{ params.data_uri }}",
         min_classes=CONFIG.data.min_classes,
         min_images_per_class=CONFIG.data.min_images_per_class,
         max_bad_fraction=CONFIG.data.max_bad_fraction,
     )
-    split = StageSplitOperator(
+    stage_split = StageSplitOperator(
         task_id="stage_split",
         data_uri="{{ params.data_uri }}",
         split_uri=SPLIT_URI,
         val_fraction=CONFIG.data.val_fraction,
         test_fraction=CONFIG.data.test_fraction,
         seed=CONFIG.data.seed,
-        exclude=validate.output["bad_files"],
+        exclude=validate_dataset.output["bad_files"],
     )
     targets = [build_target_group(t, CONFIG, RUN_URI, SPLIT_URI) for t in CONFIG.targets]
-    summary = RunSummaryOperator(
+    run_summary = RunSummaryOperator(
         task_id="run_summary",
         targets={t.name: t.kind for t in CONFIG.targets},
         summary_uri=f"{RUN_URI}/run_summary.json",
         artifacts_uri=RUN_URI,
         platform=CONFIG.platform,
+        data_uri="{{ params.data_uri }}",
+        ledger_uri=CONFIG.triggers.ledger_uri,
         local_copy_path=f"{CONFIG.local.state_dir}/run_summary.json" if CONFIG.platform == "local" else None,
     )
-    validate >> split >> targets >> summary
+    validate_dataset >> stage_split >> targets >> run_summary

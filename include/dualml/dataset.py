@@ -219,3 +219,15 @@ def labels_text(labels: list[str]) -> str:
 
 def parse_labels(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def content_fingerprint(entries: list[tuple[str, str]]) -> str:
+    """Identity of a dataset's content: hash of sorted (relative path, content hash) pairs.
+
+    Independent of where the data lives, so the same images uploaded twice (or to another
+    prefix) are recognised as already trained on.
+    """
+    h = hashlib.sha256()
+    for rel, digest in sorted(entries):
+        h.update(f"{rel}\t{digest}\n".encode())
+    return h.hexdigest()[:20]

@@ -144,12 +144,36 @@ class GcpConfig(_Strict):
     firebase_conn_id: str = "firebase_default"
 
 
+class TriggersConfig(_Strict):
+    """Data-triggered retraining (dags/dual_deployment_new_data.py).
+
+    Uploaders put a complete dataset under ``<incoming_uri>/<batch>/<class>/*.jpg`` and write the
+    marker ``<incoming_uri>/<batch>/<marker_name>`` LAST; a batch without its marker is an upload in
+    progress and is never trained.
+    """
+
+    incoming_uri: str = "gs://YOUR_BUCKET/incoming"
+    marker_name: str = "_COMPLETE"
+    watch_schedule: str | None = "*/15 * * * *"
+    sensor_poke_interval_s: int = Field(60, ge=1)
+    sensor_timeout_s: int = Field(14 * 60, ge=10)
+    ledger_uri: str = "gs://YOUR_BUCKET/dual-deploy/ledger.json"
+
+    @field_validator("incoming_uri", "ledger_uri")
+    @classmethod
+    def _gcs(cls, v: str) -> str:
+        if not v.startswith("gs://"):
+            raise ValueError(f"must be a gs:// URI, got {v!r}")
+        return v.rstrip("/")
+
+
 class Config(_Strict):
     platform: Literal["local", "gcp"] = "local"
     artifacts_uri: str
     data: DataConfig
     schedule: str | None = "0 3 * * 1"
     targets: list[TargetConfig]
+    triggers: TriggersConfig = TriggersConfig()
     local: LocalConfig = LocalConfig()
     gcp: GcpConfig = GcpConfig()
 
@@ -187,6 +211,12 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 def _merge_targets(targets: list[dict], overrides: dict) -> list[dict]:
     """Per-platform target overrides are keyed by target name."""
+    names = [t.get("name") for t in targets]
+    duplicated = sorted({n for n in names if names.count(n) > 1}, key=str)
+    if duplicated:
+        # Checked before merging: an override keyed by a duplicated name would land on every copy
+        # and surface as some unrelated missing-field error instead.
+        raise ConfigError(f"target names must be unique (targets[].name), duplicated: {duplicated}")
     unknown = set(overrides) - {t.get("name") for t in targets}
     if unknown:
         raise ConfigError(f"platform override for unknown target(s) {sorted(unknown)}")

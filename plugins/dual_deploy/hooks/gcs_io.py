@@ -38,6 +38,28 @@ class GcsIO:
         names = self.hook.list(bucket, prefix=prefix) or []
         return sorted(f"gs://{bucket}/{n}" for n in names if not n.endswith("/"))
 
+    def list_with_hashes(self, uri: str) -> list[tuple[str, str]]:
+        """(relative path, md5) of every object under ``uri``: enough to fingerprint its content."""
+        bucket, prefix = self.parse(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        blobs = self.hook.get_conn().list_blobs(bucket, prefix=prefix)
+        return sorted((b.name[len(prefix) :], b.md5_hash or f"size:{b.size}") for b in blobs if not b.name.endswith("/"))
+
+    def read_json_with_generation(self, uri: str) -> tuple[object | None, int]:
+        """(parsed JSON or None, generation; 0 when absent) for optimistic read-modify-write."""
+        bucket, name = self.parse(uri)
+        blob = self.hook.get_conn().bucket(bucket).get_blob(name)
+        if blob is None:
+            return None, 0
+        return json.loads(blob.download_as_bytes()), blob.generation
+
+    def write_json_if_generation(self, uri: str, obj, generation: int) -> None:
+        """Write only if the object is still at ``generation`` (0: only if absent); raises on a race."""
+        bucket, name = self.parse(uri)
+        blob = self.hook.get_conn().bucket(bucket).blob(name)
+        blob.upload_from_string(json.dumps(obj, indent=1, sort_keys=True), content_type="application/json",
+                                if_generation_match=generation)
+
     def exists(self, uri: str) -> bool:
         bucket, name = self.parse(uri)
         return self.hook.exists(bucket, name)

@@ -17,6 +17,13 @@ from dual_deploy.operators.base import DictOutputOperator
 from dualml import dataset
 
 
+def dataset_fingerprint(io: GcsIO, data_uri: str) -> str:
+    """Content identity of the images under ``data_uri`` (class/file names + MD5s; markers ignored)."""
+    entries = [(rel, md5) for rel, md5 in io.list_with_hashes(data_uri) if rel.count("/") == 1
+               and rel.lower().endswith(dataset.IMAGE_EXTENSIONS)]
+    return dataset.content_fingerprint(entries)
+
+
 def _locate(io: GcsIO, data_uri: str) -> dict[str, list[str]]:
     bucket, _ = io.parse(data_uri)
     if not io.bucket_exists(bucket):
@@ -38,7 +45,7 @@ class ValidateDatasetOperator(DictOutputOperator):
     Every image is downloaded and decoded (in parallel): corrupt files are named. Up to
     ``max_bad_fraction`` of them are skipped with a warning; more fails the run.
 
-    XCom: ``{"data_uri", "classes": {name: count}, "num_images", "bad_files": {uri: reason},
+    XCom: ``{"data_uri", "fingerprint", "classes": {name: count}, "num_images", "bad_files": {uri: reason},
     "warnings": [...], "duration_s"}``.
     """
 
@@ -74,10 +81,12 @@ class ValidateDatasetOperator(DictOutputOperator):
             raise AirflowFailException(f"dataset {data_uri} is not usable: {e}") from None
         for w in report.warnings:
             self.log.warning("%s", w)
-        self.log.info("dataset %s: %d images in %d classes %s", data_uri, report.num_images, len(report.classes),
-                      report.classes)
+        fingerprint = dataset_fingerprint(io, data_uri)
+        self.log.info("dataset %s: %d images in %d classes %s, fingerprint %s", data_uri, report.num_images,
+                      len(report.classes), report.classes, fingerprint)
         return {
             "data_uri": data_uri,
+            "fingerprint": fingerprint,
             "classes": report.classes,
             "num_images": report.num_images,
             "bad_files": report.bad_files,

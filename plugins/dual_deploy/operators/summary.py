@@ -100,10 +100,11 @@ class RunSummaryOperator(DictOutputOperator):
     XCom: the summary's URI and status.
     """
 
-    template_fields: Sequence[str] = ("summary_uri", "artifacts_uri", "local_copy_path")
+    template_fields: Sequence[str] = ("summary_uri", "artifacts_uri", "local_copy_path", "data_uri", "ledger_uri")
 
     def __init__(self, *, targets: dict[str, str], summary_uri: str, artifacts_uri: str, platform: str,
-                 local_copy_path: str | None = None, gcp_conn_id: str = "google_cloud_default", **kwargs):
+                 local_copy_path: str | None = None, data_uri: str | None = None, ledger_uri: str | None = None,
+                 gcp_conn_id: str = "google_cloud_default", **kwargs):
         kwargs.setdefault("trigger_rule", "all_done")
         super().__init__(**kwargs)
         self.targets = targets
@@ -111,6 +112,8 @@ class RunSummaryOperator(DictOutputOperator):
         self.artifacts_uri = artifacts_uri
         self.platform = platform
         self.local_copy_path = local_copy_path
+        self.data_uri = data_uri
+        self.ledger_uri = ledger_uri
         self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context) -> dict:
@@ -134,7 +137,27 @@ class RunSummaryOperator(DictOutputOperator):
             with open(self.local_copy_path, "w") as f:
                 json.dump(summary, f, indent=1, sort_keys=True)
         self.log.info("run summary %s\n%s", self.summary_uri, render_text(summary))
+        if self.ledger_uri:
+            self._record_in_ledger(io, summary, run_id)
         if summary["status"] != "success":
             failed = [n for n, t in summary["targets"].items() if t["status"] != "success"]
             raise AirflowFailException(f"target(s) {', '.join(failed)} failed; summary written to {self.summary_uri}")
         return {"summary_uri": self.summary_uri, "local_copy_path": self.local_copy_path, "status": summary["status"]}
+
+    def _record_in_ledger(self, io: GcsIO, summary: dict, run_id: str) -> None:
+        """Record what this run trained on, so the data trigger never trains the same data again."""
+        from dual_deploy.hooks.ledger import TrainingLedgerHook
+        from dual_deploy.operators.dataset import dataset_fingerprint
+
+        data_uri = (summary.get("data") or {}).get("data_uri") or self.data_uri
+        fingerprint = (summary.get("data") or {}).get("fingerprint")
+        if not fingerprint and data_uri:
+            try:
+                fingerprint = dataset_fingerprint(io, data_uri)
+            except Exception as e:  # noqa: BLE001 - e.g. the bucket does not exist: nothing to record
+                self.log.warning("not recording in the ledger: cannot fingerprint %s (%s)", data_uri, e)
+                return
+        if fingerprint:
+            TrainingLedgerHook(self.ledger_uri, self.gcp_conn_id).record(
+                fingerprint, data_uri=data_uri, run_id=run_id, status=summary["status"], summary_uri=self.summary_uri
+            )

@@ -31,7 +31,7 @@ def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_ur
         )
         if target.kind == "endpoint":
             ep = target.endpoint
-            register = LocalUploadModelOperator(
+            register_model = LocalUploadModelOperator(
                 task_id="register_model",
                 display_name=ep.model_display_name,
                 artifact_uri=train.output["model_dir"],
@@ -42,15 +42,15 @@ def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_ur
                 task_id="deploy",
                 endpoint_display_name=ep.display_name,
                 model_display_name=ep.model_display_name,
-                model=register.output,
+                model=register_model.output,
                 split_uri=split_uri,
                 smoke_instances=ep.smoke_instances,
                 startup_timeout_s=loc.startup_timeout_s,
                 **common,
             )
-            train >> register >> deploy
+            train >> register_model >> deploy
         else:
-            convert = ConvertToTFLiteOperator(
+            convert_tflite = ConvertToTFLiteOperator(
                 task_id="convert_tflite",
                 model_dir=train.output["model_dir"],
                 split_uri=split_uri,
@@ -64,11 +64,11 @@ def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_ur
             publish = PublishMobileModelOperator(
                 task_id="publish",
                 display_name=target.publish.display_name,
-                tflite_uri=convert.output["tflite_uri"],
+                tflite_uri=convert_tflite.output["tflite_uri"],
                 tags=target.publish.tags,
                 backend=target.publish.backend,
                 local_bucket=loc.bucket,
                 metadata={"run_id": "{{ run_id }}", "architecture": target.architecture},
             )
-            train >> convert >> publish
+            train >> convert_tflite >> publish
     return group
