@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-from functools import lru_cache
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -125,7 +125,8 @@ class LocalConfig(_Strict):
     storage_emulator_host: str = "http://127.0.0.1:9023"
     bucket: str = "dual-deploy-local"
     state_dir: str = ".state"
-    endpoint_host: str = "127.0.0.1"
+    endpoint_host: str = "127.0.0.1"  # where clients reach the endpoint
+    bind_host: str = "127.0.0.1"  # where the serving app listens (0.0.0.0 in a container)
     endpoint_base_port: int = Field(8501, ge=1024, le=65000)
     python: str | None = None  # interpreter for trainer/serving processes; default: the running one
     startup_timeout_s: int = Field(180, ge=5)
@@ -252,11 +253,26 @@ def build_config(raw: dict, platform: str | None = None) -> Config:
         raise ConfigError(f"invalid dual-deploy config ({platform}): {problems}") from None
 
 
-@lru_cache(maxsize=8)
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """``${VAR}`` / ``${VAR:-default}`` in the config file come from the environment (docker-compose
+    and Composer set per-deployment values such as the emulator host without editing the file)."""
+
+    def sub(m: re.Match) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None and m.group(2) is None:
+            raise ConfigError(f"config references ${{{m.group(1)}}} but it is not set (or give a default: ${{VAR:-x}})")
+        return value if value is not None else m.group(2)
+
+    return _ENV_REF.sub(sub, text)
+
+
 def _load_file(path: str) -> dict:
     try:
         with open(path) as f:
-            return yaml.safe_load(f) or {}
+            return yaml.safe_load(expand_env(f.read())) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found (set DUAL_DEPLOY_CONFIG)") from None
     except yaml.YAMLError as e:

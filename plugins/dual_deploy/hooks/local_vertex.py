@@ -31,10 +31,11 @@ class LocalVertexHook:
 
     def __init__(self, bucket: str, state_dir: str, host: str = "127.0.0.1", base_port: int = 8501,
                  gcp_conn_id: str = "google_cloud_default", python: str | None = None, project: str = "local-project",
-                 region: str = "local"):
+                 region: str = "local", bind_host: str | None = None):
         self.io = GcsIO(gcp_conn_id)
         self.root = f"gs://{bucket}/vertex-local"
         self.host = host
+        self.bind_host = bind_host or host
         self.base_port = base_port
         self.processes = ServingProcesses(state_dir, python)
         self.parent = f"projects/{project}/locations/{region}"
@@ -110,7 +111,7 @@ class LocalVertexHook:
         name = f"{endpoint['display_name']}-candidate"
         self.processes.stop(name)
         port = free_port(self.host)
-        self.processes.start(name, model_uri, port, self.host)
+        self.processes.start(name, model_uri, port, self.bind_host)
         base = f"http://{self.host}:{port}"
         self.processes.wait_healthy(name, base + "/health", timeout_s)
         return name, base
@@ -125,7 +126,7 @@ class LocalVertexHook:
         deadline = time.monotonic() + 15  # the old server may take a moment to release the port
         while port_in_use(endpoint["port"], self.host) and time.monotonic() < deadline:
             time.sleep(0.2)
-        self.processes.start(name, version["artifact_uri"], endpoint["port"], self.host,
+        self.processes.start(name, version["artifact_uri"], endpoint["port"], self.bind_host,
                              extra_env={"MODEL_VERSION": version["version_id"]})
         self.processes.wait_healthy(name, self.url(endpoint, "/health"), timeout_s)
         deployed_id = _stable_id("deployed", f"{model['model_id']}@{version['version_id']}:{time.time()}")

@@ -85,7 +85,7 @@ class _LocalVertexMixin:
     def _hook(self) -> LocalVertexHook:
         return LocalVertexHook(
             bucket=self.local_bucket, state_dir=self.state_dir, host=self.host, base_port=self.base_port,
-            gcp_conn_id=self.gcp_conn_id, python=self.python,
+            gcp_conn_id=self.gcp_conn_id, python=self.python, bind_host=self.bind_host,
         )
 
 
@@ -101,14 +101,14 @@ class LocalUploadModelOperator(_LocalVertexMixin, DictOutputOperator):
     def __init__(self, *, display_name: str, artifact_uri: str, local_bucket: str, state_dir: str,
                  version_aliases: list[str] | None = None, serving_container_image_uri: str = "local/dualml-serving",
                  host: str = "127.0.0.1", base_port: int = 8501, python: str | None = None,
-                 gcp_conn_id: str = "google_cloud_default", **kwargs):
+                 bind_host: str | None = None, gcp_conn_id: str = "google_cloud_default", **kwargs):
         super().__init__(**kwargs)
         self.display_name = display_name
         self.artifact_uri = artifact_uri
         self.version_aliases = version_aliases or []
         self.serving_container_image_uri = serving_container_image_uri
         self.local_bucket, self.state_dir, self.host, self.base_port = local_bucket, state_dir, host, base_port
-        self.python, self.gcp_conn_id = python, gcp_conn_id
+        self.python, self.gcp_conn_id, self.bind_host = python, gcp_conn_id, bind_host
 
     def execute(self, context) -> dict:
         t0 = time.monotonic()
@@ -140,7 +140,7 @@ class LocalDeployModelOperator(_LocalVertexMixin, DictOutputOperator):
     def __init__(self, *, endpoint_display_name: str, model_display_name: str, model: dict, split_uri: str,
                  local_bucket: str, state_dir: str, smoke_instances: int = 2, startup_timeout_s: float = 180,
                  host: str = "127.0.0.1", base_port: int = 8501, python: str | None = None,
-                 gcp_conn_id: str = "google_cloud_default", **kwargs):
+                 bind_host: str | None = None, gcp_conn_id: str = "google_cloud_default", **kwargs):
         super().__init__(**kwargs)
         self.endpoint_display_name = endpoint_display_name
         self.model_display_name = model_display_name
@@ -149,7 +149,7 @@ class LocalDeployModelOperator(_LocalVertexMixin, DictOutputOperator):
         self.smoke_instances = smoke_instances
         self.startup_timeout_s = startup_timeout_s
         self.local_bucket, self.state_dir, self.host, self.base_port = local_bucket, state_dir, host, base_port
-        self.python, self.gcp_conn_id = python, gcp_conn_id
+        self.python, self.gcp_conn_id, self.bind_host = python, gcp_conn_id, bind_host
 
     def execute(self, context) -> dict:
         t0 = time.monotonic()

@@ -18,7 +18,7 @@ from dual_deploy.platforms import trainer_args
 def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str) -> TaskGroup:
     loc = cfg.local
     common = {"local_bucket": loc.bucket, "state_dir": loc.state_dir, "host": loc.endpoint_host,
-              "base_port": loc.endpoint_base_port, "python": loc.python}
+              "base_port": loc.endpoint_base_port, "python": loc.python, "bind_host": loc.bind_host}
     base_output_dir = f"{run_uri}/{target.name}"
     with TaskGroup(group_id=target.name, tooltip=f"{target.architecture} -> {target.kind}") as group:
         train = LocalCustomTrainingJobOperator(
