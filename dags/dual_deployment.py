@@ -22,7 +22,7 @@ from pathlib import Path
 from airflow.sdk import DAG
 
 from dual_deploy.config import load_config
-from dual_deploy.dag_helpers import DEFAULT_ARGS, TEMPLATE_FILTERS, run_params, run_uri
+from dual_deploy.dag_helpers import DEFAULT_ARGS, TEMPLATE_FILTERS, cost_inputs, run_params, run_uri
 from dual_deploy.operators.dataset import StageSplitOperator, ValidateDatasetOperator
 from dual_deploy.operators.summary import RunSummaryOperator
 from dual_deploy.platforms import build_target_group
@@ -68,6 +68,8 @@ with DAG(
         platform=CONFIG.platform,
         data_uri="{{ params.data_uri }}",
         ledger_uri=CONFIG.triggers.ledger_uri,
+        cost_inputs=cost_inputs(CONFIG),
+        region=CONFIG.gcp.region,
         local_copy_path=f"{CONFIG.local.state_dir}/run_summary.json" if CONFIG.platform == "local" else None,
     )
     validate_dataset >> stage_split >> targets >> run_summary

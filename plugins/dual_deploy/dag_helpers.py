@@ -39,3 +39,17 @@ def run_params(cfg: Config) -> dict[str, Param]:
         "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500,
                         description="Override the configured epochs for every target (empty: config)"),
     }
+
+
+def cost_inputs(cfg: Config) -> dict:
+    """Each target's machines, for the cost-per-run estimate in the run summary."""
+    out = {}
+    for t in cfg.targets:
+        tr = t.training
+        out[t.name] = {"training": {"machine_type": tr.machine_type, "accelerator_type": tr.accelerator_type,
+                                    "accelerator_count": tr.accelerator_count, "replica_count": tr.replica_count,
+                                    "spot": tr.spot}}
+        if t.endpoint:
+            out[t.name]["endpoint"] = {"machine_type": t.endpoint.machine_type,
+                                       "min_replica_count": t.endpoint.min_replica_count}
+    return out

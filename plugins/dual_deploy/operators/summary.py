@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -90,6 +92,12 @@ def render_text(summary: dict) -> str:
     timed = [(tid, s["duration_s"]) for tid, s in summary["steps"].items() if s.get("duration_s") is not None]
     if timed:
         lines.append("  durations: " + ", ".join(f"{tid} {d:.0f}s" for tid, d in timed))
+    cost = summary.get("cost")
+    if cost:
+        note = " if run on Vertex AI with the configured machines (estimate)" if cost.get("estimate_only") else ""
+        lines.append(f"  training cost: {cost['training_total_usd']:.4f} {cost['currency']}{note}")
+    if summary.get("report_uri"):
+        lines.append(f"  report: {summary.get('local_report_path') or summary['report_uri']}")
     return "\n".join(lines)
 
 
@@ -104,6 +112,7 @@ class RunSummaryOperator(DictOutputOperator):
 
     def __init__(self, *, targets: dict[str, str], summary_uri: str, artifacts_uri: str, platform: str,
                  local_copy_path: str | None = None, data_uri: str | None = None, ledger_uri: str | None = None,
+                 cost_inputs: dict | None = None, region: str = "us-central1", prices_path: str | None = None,
                  gcp_conn_id: str = "google_cloud_default", **kwargs):
         kwargs.setdefault("trigger_rule", "all_done")
         super().__init__(**kwargs)
@@ -114,6 +123,9 @@ class RunSummaryOperator(DictOutputOperator):
         self.local_copy_path = local_copy_path
         self.data_uri = data_uri
         self.ledger_uri = ledger_uri
+        self.cost_inputs = cost_inputs
+        self.region = region
+        self.prices_path = prices_path
         self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context) -> dict:
@@ -131,6 +143,12 @@ class RunSummaryOperator(DictOutputOperator):
         summary = build_summary(dag_id=self.dag_id, run_id=run_id, platform=self.platform, targets=self.targets,
                                 states=states, xcoms=xcoms, artifacts_uri=self.artifacts_uri, metrics=metrics)
         summary["summary_uri"] = self.summary_uri
+        if self.cost_inputs:
+            from dual_deploy.cost import load_prices, run_cost
+
+            summary["cost"] = run_cost(summary, self.cost_inputs, region=self.region,
+                                       prices=load_prices(self.prices_path))
+        summary["report_uri"] = self._write_report(io, summary)
         io.write_json(self.summary_uri, summary)
         if self.local_copy_path:
             os.makedirs(os.path.dirname(os.path.abspath(self.local_copy_path)), exist_ok=True)
@@ -143,6 +161,28 @@ class RunSummaryOperator(DictOutputOperator):
             failed = [n for n, t in summary["targets"].items() if t["status"] != "success"]
             raise AirflowFailException(f"target(s) {', '.join(failed)} failed; summary written to {self.summary_uri}")
         return {"summary_uri": self.summary_uri, "local_copy_path": self.local_copy_path, "status": summary["status"]}
+
+    def _write_report(self, io: GcsIO, summary: dict) -> str:
+        """Render the HTML report into ``<artifacts>/report/`` (and beside the local summary copy)."""
+        from dual_deploy.report import write_report
+
+        base = self.artifacts_uri.rstrip("/")
+        histories = {}
+        for name in self.targets:
+            uri = f"{base}/{name}/model/history.json"
+            if io.exists(uri):
+                histories[name] = io.read_json(uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = write_report(summary, histories, tmp)
+            for fn in ["index.html", *out["images"]]:
+                mime = "text/html" if fn.endswith(".html") else "image/png"
+                io.upload_file(os.path.join(tmp, fn), f"{base}/report/{fn}", mime)
+            if self.local_copy_path:
+                local = os.path.join(os.path.dirname(os.path.abspath(self.local_copy_path)), "report")
+                shutil.rmtree(local, ignore_errors=True)
+                shutil.copytree(tmp, local)
+                summary["local_report_path"] = os.path.join(local, "index.html")
+        return f"{base}/report/index.html"
 
     def _record_in_ledger(self, io: GcsIO, summary: dict, run_id: str) -> None:
         """Record what this run trained on, so the data trigger never trains the same data again."""
