@@ -9,17 +9,26 @@ from collections.abc import Sequence
 
 from airflow.sdk.exceptions import AirflowFailException
 
+from dual_deploy.hooks.firebase import FirebaseMLPublisherHook, FirebaseStoragePublisherHook
 from dual_deploy.hooks.gcs_io import GcsIO
 from dual_deploy.hooks.mobile_publisher import LocalMobilePublisherHook, MobileModelPublisher
 from dual_deploy.operators.base import DictOutputOperator
+
+BACKENDS = ("local", "firebase_ml", "firebase_storage")
 
 
 class PublishMobileModelOperator(DictOutputOperator):
     """Create-or-update the mobile model ``display_name`` with ``tflite_uri`` and publish it.
 
     Runs only after the conversion task passed its validation thresholds (its upstream).
-    ``backend``: ``local`` (a bucket; the emulator locally), ``firebase_ml`` or
-    ``firebase_storage`` (Firebase backends: see the GCP platform).
+    ``backend``: ``local`` (a bucket; the emulator locally), ``firebase_ml`` (Firebase ML custom
+    models; shuts down 2027-06-15) or ``firebase_storage`` (its successor: Cloud Storage for
+    Firebase + a manifest, optionally a Remote Config parameter). The Firebase backends use
+    ``firebase_conn_id`` (a Google Cloud connection: keyfile JSON in its extras, or ADC),
+    ``firebase_project`` and ``firebase_storage_bucket``; ``unlock_timeout_s`` bounds each wait for
+    a locked Firebase ML model; ``remote_config_parameter`` names the client Remote Config
+    parameter ``firebase_storage`` points at the new version (None: manifest only).
+    See ``dual_deploy.hooks.firebase``.
 
     XCom: ``{"backend", "model_id", "display_name", "version", "tags", "published", "model_hash",
     "tflite_uri", "created", "duration_s"}``.
@@ -30,7 +39,9 @@ class PublishMobileModelOperator(DictOutputOperator):
 
     def __init__(self, *, display_name: str, tflite_uri: str, tags: list[str] | None = None, backend: str = "local",
                  local_bucket: str | None = None, metadata: dict | None = None,
-                 gcp_conn_id: str = "google_cloud_default", **kwargs):
+                 gcp_conn_id: str = "google_cloud_default", firebase_conn_id: str = "firebase_default",
+                 firebase_project: str | None = None, firebase_storage_bucket: str | None = None,
+                 unlock_timeout_s: float = 600, remote_config_parameter: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.display_name = display_name
         self.tflite_uri = tflite_uri
@@ -39,14 +50,35 @@ class PublishMobileModelOperator(DictOutputOperator):
         self.local_bucket = local_bucket
         self.metadata = metadata or {}
         self.gcp_conn_id = gcp_conn_id
+        self.firebase_conn_id = firebase_conn_id
+        self.firebase_project = firebase_project
+        self.firebase_storage_bucket = firebase_storage_bucket
+        self.unlock_timeout_s = unlock_timeout_s
+        self.remote_config_parameter = remote_config_parameter
 
     def get_publisher(self) -> MobileModelPublisher:
         if self.backend == "local":
             if not self.local_bucket:
                 raise AirflowFailException("backend 'local' needs local_bucket")
             return LocalMobilePublisherHook(self.local_bucket, self.gcp_conn_id)
-        raise AirflowFailException(
-            f"mobile publishing backend {self.backend!r} is not available in this build; use 'local'"
+        if self.backend not in BACKENDS:
+            raise AirflowFailException(f"unknown mobile publishing backend {self.backend!r}; use one of {BACKENDS}")
+        if not self.firebase_storage_bucket:
+            raise AirflowFailException(
+                f"backend {self.backend!r} needs firebase_storage_bucket (gcp.firebase_storage_bucket in the config)"
+            )
+        if self.backend == "firebase_ml":
+            return FirebaseMLPublisherHook(
+                firebase_conn_id=self.firebase_conn_id,
+                firebase_project=self.firebase_project,
+                storage_bucket=self.firebase_storage_bucket,
+                unlock_timeout_s=self.unlock_timeout_s,
+            )
+        return FirebaseStoragePublisherHook(
+            firebase_conn_id=self.firebase_conn_id,
+            firebase_project=self.firebase_project,
+            storage_bucket=self.firebase_storage_bucket,
+            remote_config_parameter=self.remote_config_parameter,
         )
 
     def execute(self, context) -> dict:
