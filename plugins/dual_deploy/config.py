@@ -101,6 +101,8 @@ class PublishConfig(_Strict):
     display_name: str
     tags: list[str] = []
     backend: Literal["local", "firebase_ml", "firebase_storage"] = "local"
+    unlock_timeout_s: int = Field(600, ge=1)  # Firebase ML: wait for the model to unlock after an upload
+    remote_config_parameter: str | None = None  # firebase_storage: also point this Remote Config parameter at it
 
 
 class TargetConfig(_Strict):
@@ -153,12 +155,12 @@ class TriggersConfig(_Strict):
     progress and is never trained.
     """
 
-    incoming_uri: str = "gs://YOUR_BUCKET/incoming"
+    incoming_uri: str = "gs://your-bucket/incoming"
     marker_name: str = "_COMPLETE"
     watch_schedule: str | None = "*/15 * * * *"
     sensor_poke_interval_s: int = Field(60, ge=1)
     sensor_timeout_s: int = Field(14 * 60, ge=10)
-    ledger_uri: str = "gs://YOUR_BUCKET/dual-deploy/ledger.json"
+    ledger_uri: str = "gs://your-bucket/dual-deploy/ledger.json"
 
     @field_validator("incoming_uri", "ledger_uri")
     @classmethod

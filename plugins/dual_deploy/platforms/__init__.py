@@ -29,4 +29,9 @@ def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_ur
         from dual_deploy.platforms import local
 
         return local.build_target_group(target, cfg, run_uri, split_uri)
-    raise ConfigError(f"platform {cfg.platform!r} has no task builder yet; use DUAL_DEPLOY_PLATFORM=local")
+    if cfg.platform == "gcp":
+        # Imported only here: the Google provider's Vertex AI operators cost 10-15 s to import.
+        from dual_deploy.platforms import gcp
+
+        return gcp.build_target_group(target, cfg, run_uri, split_uri)
+    raise ConfigError(f"platform {cfg.platform!r} has no task builder; use DUAL_DEPLOY_PLATFORM=local or gcp")
