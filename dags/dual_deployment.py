@@ -13,7 +13,8 @@ from `dags/config/dual_deploy.yaml` (in parallel) → `run_summary` (`run_summar
 the run's artifacts). The platform (`DUAL_DEPLOY_PLATFORM`: `local` default, or `gcp`)
 changes which operators run, never the shape of this DAG.
 
-Params: `data_uri` (dataset root), `epochs` (override for every target).
+Params: `data_uri` (dataset root), `epochs` (override for every target), `targets` (which to run).
+Each target's `champion_gate` delivers only a model at least as good as the one serving.
 """
 
 import os
@@ -25,12 +26,13 @@ from dual_deploy.config import load_config
 from dual_deploy.dag_helpers import DEFAULT_ARGS, TEMPLATE_FILTERS, cost_inputs, run_params, run_uri
 from dual_deploy.operators.dataset import StageSplitOperator, ValidateDatasetOperator
 from dual_deploy.operators.summary import RunSummaryOperator
-from dual_deploy.platforms import build_target_group
+from dual_deploy.platforms import build_target_group, champions_prefix
 
 # DUAL_DEPLOY_CONFIG (another config file) wins over the one beside this DAG, as everywhere else.
 CONFIG = load_config(os.environ.get("DUAL_DEPLOY_CONFIG") or Path(__file__).parent / "config" / "dual_deploy.yaml")
 RUN_URI = run_uri(CONFIG)
 SPLIT_URI = f"{RUN_URI}/split.json"
+CHAMPIONS_URI = champions_prefix(CONFIG)
 
 with DAG(
     dag_id="dual_deployment",
@@ -70,6 +72,7 @@ with DAG(
         ledger_uri=CONFIG.triggers.ledger_uri,
         cost_inputs=cost_inputs(CONFIG),
         region=CONFIG.gcp.region,
+        champions_uri=CHAMPIONS_URI,
         local_copy_path=f"{CONFIG.local.state_dir}/run_summary.json" if CONFIG.platform == "local" else None,
     )
     validate_dataset >> stage_split >> targets >> run_summary

@@ -56,6 +56,7 @@ class TrainingConfig(_Strict):
     fine_tune_at: int = Field(0, ge=0)
     early_stopping_patience: int = Field(3, ge=1)
     augment: bool = True
+    deterministic: bool = False  # reproducible training; the local platform turns it on
     # Vertex AI machine for this target's training job (ignored by the local platform).
     machine_type: str = "n1-standard-4"
     accelerator_type: str | None = "NVIDIA_TESLA_T4"
@@ -75,6 +76,7 @@ class TrainingConfig(_Strict):
             f"--fine-tune-at={self.fine_tune_at}",
             f"--early-stopping-patience={self.early_stopping_patience}",
             f"--augment={str(self.augment).lower()}",
+            f"--deterministic={str(self.deterministic).lower()}",
         ]
         return args
 
@@ -105,11 +107,21 @@ class PublishConfig(_Strict):
     remote_config_parameter: str | None = None  # firebase_storage: also point this Remote Config parameter at it
 
 
+class GateConfig(_Strict):
+    """Champion/challenger gate: a new model is delivered only if it meets the minimums and beats
+    (or ties within ``tolerance``) the serving model on the same test split."""
+
+    min_accuracy: float = Field(0.5, ge=0, le=1)
+    min_macro_f1: float = Field(0.0, ge=0, le=1)
+    tolerance: float = Field(0.01, ge=0, le=1)
+
+
 class TargetConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
     kind: Literal["endpoint", "mobile"]
     architecture: Literal["densenet121", "mobilenet_v3_small", "mobilenet_v3_large"]
     training: TrainingConfig = TrainingConfig()
+    gate: GateConfig = GateConfig()
     endpoint: EndpointConfig | None = None
     tflite: TFLiteConfig | None = None
     publish: PublishConfig | None = None

@@ -38,6 +38,9 @@ def run_params(cfg: Config) -> dict[str, Param]:
                           description="Dataset root in the tf_flowers layout: gs://bucket/prefix/<class>/*.jpg"),
         "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500,
                         description="Override the configured epochs for every target (empty: config)"),
+        "targets": Param([t.name for t in cfg.targets], type="array",
+                         items={"type": "string", "enum": [t.name for t in cfg.targets]},
+                         description="Which targets to train and deliver in this run"),
     }
 
 

@@ -45,6 +45,7 @@ class TrainConfig:
     test_fraction: float = 0.15
     bn_momentum: float | None = None
     cache_dir: str | None = None
+    deterministic: bool = False
 
     def validate(self) -> TrainConfig:
         if self.architecture not in ARCHITECTURES:
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=d.test_fraction)
     p.add_argument("--bn-momentum", type=float, default=None, help="default: 0.9 when training from scratch")
     p.add_argument("--cache-dir", default=None, help="local folder for downloaded gs:// data")
+    p.add_argument("--deterministic", type=_bool, default=d.deterministic,
+                   help="bit-reproducible training (tf op determinism; slower on GPUs)")
     return p
 
 

@@ -33,3 +33,18 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
         "labels": list(labels),
         "confusion_matrix": cm.tolist(),
     }
+
+
+def evaluate_keras_model(model_path: str, files: list[tuple[str, int]], labels: list[str],
+                         batch_size: int = 32) -> dict:
+    """Re-evaluate a saved ``model.keras`` on (image path, class index) pairs, e.g. to compare a
+    serving champion with a challenger on the challenger's held-out test split."""
+    import keras
+
+    from dualml.preprocess import load_image
+
+    model = keras.saving.load_model(model_path, compile=False)
+    size = int(model.inputs[0].shape[1])
+    images = np.stack([load_image(path, size) for path, _ in files])
+    probs = model.predict(images, batch_size=batch_size, verbose=0)
+    return classification_metrics([i for _, i in files], probs.argmax(axis=-1), labels)

@@ -104,6 +104,9 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.time()
     timings: dict[str, float] = {}
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        # Same data + seed -> same model: a re-run ties with its champion instead of drifting.
+        tf.config.experimental.enable_op_determinism()
     tf_config = read_tf_config()
     kind = strategy_kind(tf_config, len(tf.config.list_physical_devices("GPU")))
     strategy = make_strategy(kind)

@@ -17,6 +17,8 @@ from dual_deploy.operators.base import DictOutputOperator
 # Which step's XCom feeds which summary section of a target.
 _SECTIONS = {"train": "training", "register_model": "model", "deploy": "endpoint",
              "convert_tflite": "tflite", "publish": "published"}
+# The step whose success means the target's model is now what serves / what apps download.
+_DELIVERY_STEP = {"endpoint": "deploy", "mobile": "publish"}
 
 
 _METRIC_KEYS = ("accuracy", "macro_f1", "num_examples", "per_class", "confusion_matrix", "labels")
@@ -36,24 +38,37 @@ def build_summary(*, dag_id: str, run_id: str, platform: str, targets: dict[str,
     for name, kind in targets.items():
         group = {tid.split(".", 1)[1]: x for tid, x in xcoms.items() if tid.startswith(name + ".")}
         group_states = {tid: s for tid, s in states.items() if tid.startswith(name + ".")}
-        ok = bool(group_states) and all(s == "success" for s in group_states.values())
-        t = {"kind": kind, "status": "success" if ok else "failed",
-             "failed_steps": sorted(tid for tid, s in group_states.items() if s not in ("success", None))}
+        t: dict = {"kind": kind}
         for step, section in _SECTIONS.items():
             if group.get(step):
                 t[section] = {k: v for k, v in group[step].items() if k != "duration_s"}
+        if group.get("champion_gate"):
+            t["decision"] = {k: group["champion_gate"].get(k) for k in ("promote", "reason", "challenger", "champion")}
         m = metrics.get(name) or (t.get("training") or {}).get("metrics")
         if m:
             t["metrics"] = {k: m.get(k) for k in _METRIC_KEYS}
         if "training" in t:
             t["training"] = {k: v for k, v in t["training"].items() if k != "metrics"}
+        bad = sorted(tid for tid, s in group_states.items() if s in ("failed", "upstream_failed"))
+        if group.get("selected") is False:
+            t["status"] = "not_selected"
+        elif bad:
+            t["status"] = "failed"
+        elif t.get("decision") and not t["decision"].get("promote"):
+            t["status"] = "not_promoted"
+        elif group_states and all(s == "success" for s in group_states.values()):
+            t["status"] = "success"
+        else:
+            t["status"] = "failed"
+        t["failed_steps"] = bad or sorted(tid for tid, s in group_states.items() if s not in ("success", "skipped"))
         out_targets[name] = t
     return {
         "dag_id": dag_id,
         "run_id": run_id,
         "platform": platform,
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "status": "success" if all(t["status"] == "success" for t in out_targets.values()) else "failed",
+        # A target that was not selected or not promoted is a correct outcome, not a failure.
+        "status": "failed" if any(t["status"] == "failed" for t in out_targets.values()) else "success",
         "artifacts_uri": artifacts_uri,
         "data": xcoms.get("validate_dataset"),
         "split": xcoms.get("stage_split"),
@@ -72,6 +87,8 @@ def render_text(summary: dict) -> str:
         m = t.get("metrics") or {}
         acc = f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a"
         lines.append(f"  [{name}] {t['status']}: test accuracy {acc}")
+        if t.get("decision"):
+            lines.append(f"      gate: {t['decision'].get('reason')}")
         if t.get("model"):
             lines.append(f"      model {t['model'].get('model_resource_name')}")
         if t.get("endpoint"):
@@ -113,6 +130,7 @@ class RunSummaryOperator(DictOutputOperator):
     def __init__(self, *, targets: dict[str, str], summary_uri: str, artifacts_uri: str, platform: str,
                  local_copy_path: str | None = None, data_uri: str | None = None, ledger_uri: str | None = None,
                  cost_inputs: dict | None = None, region: str = "us-central1", prices_path: str | None = None,
+                 champions_uri: str | None = None,
                  gcp_conn_id: str = "google_cloud_default", **kwargs):
         kwargs.setdefault("trigger_rule", "all_done")
         super().__init__(**kwargs)
@@ -124,6 +142,7 @@ class RunSummaryOperator(DictOutputOperator):
         self.data_uri = data_uri
         self.ledger_uri = ledger_uri
         self.cost_inputs = cost_inputs
+        self.champions_uri = champions_uri
         self.region = region
         self.prices_path = prices_path
         self.gcp_conn_id = gcp_conn_id
@@ -157,6 +176,8 @@ class RunSummaryOperator(DictOutputOperator):
         self.log.info("run summary %s\n%s", self.summary_uri, render_text(summary))
         if self.ledger_uri:
             self._record_in_ledger(io, summary, run_id)
+        if self.champions_uri:
+            self._record_champions(io, summary, run_id, states)
         if summary["status"] != "success":
             failed = [n for n, t in summary["targets"].items() if t["status"] != "success"]
             raise AirflowFailException(f"target(s) {', '.join(failed)} failed; summary written to {self.summary_uri}")
@@ -183,6 +204,19 @@ class RunSummaryOperator(DictOutputOperator):
                 shutil.copytree(tmp, local)
                 summary["local_report_path"] = os.path.join(local, "index.html")
         return f"{base}/report/index.html"
+
+    def _record_champions(self, io: GcsIO, summary: dict, run_id: str, states: dict) -> None:
+        """A target whose delivery step succeeded now serves this run's model: it is the champion
+        the next run's challenger must beat (operators/gate.py)."""
+        base = self.artifacts_uri.rstrip("/")
+        for name, t in summary["targets"].items():
+            step = _DELIVERY_STEP.get(t["kind"])
+            if states.get(f"{name}.{step}") != "success" or not t.get("metrics"):
+                continue
+            record = {"model_dir": f"{base}/{name}/model", "run_id": run_id, "accuracy": t["metrics"]["accuracy"],
+                      "macro_f1": t["metrics"]["macro_f1"], "written_at": summary["written_at"]}
+            io.write_json(f"{self.champions_uri.rstrip('/')}/{name}.json", record)
+            self.log.info("target %s: champion is now %s", name, record["model_dir"])
 
     def _record_in_ledger(self, io: GcsIO, summary: dict, run_id: str) -> None:
         """Record what this run trained on, so the data trigger never trains the same data again."""

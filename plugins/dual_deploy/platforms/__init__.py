@@ -1,15 +1,24 @@
-"""Per-platform builders of a target's TaskGroup.
+"""Per-platform task builders and the shared TaskGroup shape they fill.
 
-Every platform builds the same shape (task ids, groups, dependencies) from the same target
-config; only the operators behind the task ids differ.
+Every target gets one TaskGroup with the same shape on every platform; only the operators
+behind ``train`` and the delivery steps differ:
 
-- endpoint targets: ``train >> register_model >> deploy``
-- mobile targets:   ``train >> convert_tflite >> publish``
+- endpoint targets: ``selected >> train >> champion_gate >> register_model >> deploy``
+- mobile targets:   ``selected >> train >> champion_gate >> convert_tflite >> publish``
+
+``selected`` skips the group when a manual run's ``targets`` Param leaves it out;
+``champion_gate`` skips delivery when the new model does not beat the serving one.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+
+from airflow.providers.standard.operators.python import ShortCircuitOperator
+from airflow.sdk import TaskGroup
+
 from dual_deploy.config import Config, ConfigError, TargetConfig
+from dual_deploy.operators.gate import ChampionGateOperator
 
 
 def trainer_args(target: TargetConfig, split_uri: str) -> list[str]:
@@ -24,14 +33,51 @@ def trainer_args(target: TargetConfig, split_uri: str) -> list[str]:
     return args
 
 
-def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str):
-    if cfg.platform == "local":
-        from dual_deploy.platforms import local
+def champions_prefix(cfg: Config) -> str:
+    """Folder of the champion records: beside the runs folder, shared by every run."""
+    return f"{cfg.artifacts_uri.rstrip('/').rsplit('/', 1)[0]}/champions"
 
-        return local.build_target_group(target, cfg, run_uri, split_uri)
-    if cfg.platform == "gcp":
-        # Imported only here: the Google provider's Vertex AI operators cost 10-15 s to import.
-        from dual_deploy.platforms import gcp
 
-        return gcp.build_target_group(target, cfg, run_uri, split_uri)
-    raise ConfigError(f"platform {cfg.platform!r} has no task builder; use DUAL_DEPLOY_PLATFORM=local or gcp")
+def champion_uri(cfg: Config, target: TargetConfig) -> str:
+    """Where the run summary records the model a target currently delivers (its champion)."""
+    return f"{champions_prefix(cfg)}/{target.name}.json"
+
+
+def is_selected(target: str, params: dict | None = None, **_) -> bool:
+    """ShortCircuit callable: run this target unless the ``targets`` Param leaves it out."""
+    wanted = (params or {}).get("targets")
+    return not wanted or target in wanted
+
+
+def _platform(cfg: Config):
+    if cfg.platform not in ("local", "gcp"):
+        raise ConfigError(f"platform {cfg.platform!r} has no task builder; use DUAL_DEPLOY_PLATFORM=local or gcp")
+    # Imported on demand: the gcp builder imports the Vertex AI operators (10-15 s).
+    return import_module(f"dual_deploy.platforms.{cfg.platform}")
+
+
+def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str) -> TaskGroup:
+    platform = _platform(cfg)
+    with TaskGroup(group_id=target.name, tooltip=f"{target.architecture} -> {target.kind}") as group:
+        selected = ShortCircuitOperator(
+            task_id="selected",
+            python_callable=is_selected,
+            op_kwargs={"target": target.name},
+            ignore_downstream_trigger_rules=False,
+        )
+        train = platform.train_task(target, cfg, run_uri, split_uri)
+        champion_gate = ChampionGateOperator(
+            task_id="champion_gate",
+            model_dir=train.output["model_dir"],
+            split_uri=split_uri,
+            champion_uri=champion_uri(cfg, target),
+            tolerance=target.gate.tolerance,
+            min_accuracy=target.gate.min_accuracy,
+            min_macro_f1=target.gate.min_macro_f1,
+            retries=0,
+        )
+        delivery = platform.delivery_tasks(target, cfg, run_uri, split_uri, train.output["model_dir"])
+        selected >> train >> champion_gate >> delivery[0]
+        for upstream, downstream in zip(delivery, delivery[1:], strict=False):
+            upstream >> downstream
+    return group

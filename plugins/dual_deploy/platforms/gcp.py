@@ -1,8 +1,7 @@
 """GCP platform: Vertex AI custom training, Model Registry and endpoints; Firebase for mobile.
 
-Same TaskGroup shape as the local platform (``platforms/local.py``): one group per target,
-``train >> register_model >> deploy`` for endpoint targets and
-``train >> convert_tflite >> publish`` for mobile targets.
+Fills the shared TaskGroup shape (``platforms/__init__.py``) with the same task ids as the
+local platform: ``train``, then ``register_model >> deploy`` or ``convert_tflite >> publish``.
 
 Importing this module imports the Google provider's Vertex AI operators (and so
 google.cloud.aiplatform, 10-15 s): ``platforms.build_target_group`` imports it only when
@@ -10,8 +9,6 @@ the platform is ``gcp``.
 """
 
 from __future__ import annotations
-
-from airflow.sdk import TaskGroup
 
 from dual_deploy.config import Config, TargetConfig, TrainingConfig
 from dual_deploy.operators.publish import PublishMobileModelOperator
@@ -66,71 +63,74 @@ def custom_job(target: TargetConfig, cfg: Config, base_output_dir: str, split_ur
     }
 
 
-def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str) -> TaskGroup:
-    gcp = cfg.gcp
-    where = {"project_id": gcp.project, "region": gcp.region, "gcp_conn_id": gcp.gcp_conn_id}
+def _where(cfg: Config) -> dict:
+    return {"project_id": cfg.gcp.project, "region": cfg.gcp.region, "gcp_conn_id": cfg.gcp.gcp_conn_id}
+
+
+def train_task(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str):
     base_output_dir = f"{run_uri}/{target.name}"
-    with TaskGroup(group_id=target.name, tooltip=f"{target.architecture} -> {target.kind}") as group:
-        train = VertexCustomJobOperator(
-            task_id="train",
-            custom_job=custom_job(target, cfg, base_output_dir, split_uri),
-            base_output_dir=base_output_dir,
-            deferrable=True,
-            poll_interval=TRAINING_POLL_INTERVAL_S,
-            **where,
+    return VertexCustomJobOperator(
+        task_id="train",
+        custom_job=custom_job(target, cfg, base_output_dir, split_uri),
+        base_output_dir=base_output_dir,
+        deferrable=True,
+        poll_interval=TRAINING_POLL_INTERVAL_S,
+        **_where(cfg),
+    )
+
+
+def delivery_tasks(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str, model_dir) -> list:
+    gcp = cfg.gcp
+    if target.kind == "endpoint":
+        ep = target.endpoint
+        register_model = RegisterModelVersionOperator(
+            task_id="register_model",
+            display_name=ep.model_display_name,
+            artifact_uri=model_dir,
+            serving_image=gcp.serving_image,
+            version_aliases=["run-{{ run_id | slug }}"],
+            is_default_version=True,
+            version_description="dual_deployment run {{ run_id }}",
+            **_where(cfg),
         )
-        if target.kind == "endpoint":
-            ep = target.endpoint
-            register = RegisterModelVersionOperator(
-                task_id="register_model",
-                display_name=ep.model_display_name,
-                artifact_uri=train.output["model_dir"],
-                serving_image=gcp.serving_image,
-                version_aliases=["run-{{ run_id | slug }}"],
-                is_default_version=True,
-                version_description="dual_deployment run {{ run_id }}",
-                **where,
-            )
-            deploy = CanaryDeployModelOperator(
-                task_id="deploy",
-                endpoint_display_name=ep.display_name,
-                model_display_name=ep.model_display_name,
-                model=register.output,
-                split_uri=split_uri,
-                machine_type=ep.machine_type,
-                min_replica_count=ep.min_replica_count,
-                max_replica_count=ep.max_replica_count,
-                canary_traffic_percent=ep.canary_traffic_percent,
-                smoke_instances=ep.smoke_instances,
-                **where,
-            )
-            train >> register >> deploy
-        else:
-            convert = ConvertToTFLiteOperator(
-                task_id="convert_tflite",
-                model_dir=train.output["model_dir"],
-                split_uri=split_uri,
-                output_dir=f"{base_output_dir}/tflite",
-                mode=target.tflite.mode,
-                min_agreement=target.tflite.min_agreement,
-                max_accuracy_drop=target.tflite.max_accuracy_drop,
-                max_size_mb=target.tflite.max_size_mb,
-                num_calibration_images=target.tflite.num_calibration_images,
-                gcp_conn_id=gcp.gcp_conn_id,
-            )
-            publish = PublishMobileModelOperator(
-                task_id="publish",
-                display_name=target.publish.display_name,
-                tflite_uri=convert.output["tflite_uri"],
-                tags=target.publish.tags,
-                backend=target.publish.backend,
-                metadata={"run_id": "{{ run_id }}", "architecture": target.architecture},
-                gcp_conn_id=gcp.gcp_conn_id,
-                firebase_conn_id=gcp.firebase_conn_id,
-                firebase_project=gcp.firebase_project,
-                firebase_storage_bucket=gcp.firebase_storage_bucket,
-                unlock_timeout_s=target.publish.unlock_timeout_s,
-                remote_config_parameter=target.publish.remote_config_parameter,
-            )
-            train >> convert >> publish
-    return group
+        deploy = CanaryDeployModelOperator(
+            task_id="deploy",
+            endpoint_display_name=ep.display_name,
+            model_display_name=ep.model_display_name,
+            model=register_model.output,
+            split_uri=split_uri,
+            machine_type=ep.machine_type,
+            min_replica_count=ep.min_replica_count,
+            max_replica_count=ep.max_replica_count,
+            canary_traffic_percent=ep.canary_traffic_percent,
+            smoke_instances=ep.smoke_instances,
+            **_where(cfg),
+        )
+        return [register_model, deploy]
+    convert_tflite = ConvertToTFLiteOperator(
+        task_id="convert_tflite",
+        model_dir=model_dir,
+        split_uri=split_uri,
+        output_dir=f"{run_uri}/{target.name}/tflite",
+        mode=target.tflite.mode,
+        min_agreement=target.tflite.min_agreement,
+        max_accuracy_drop=target.tflite.max_accuracy_drop,
+        max_size_mb=target.tflite.max_size_mb,
+        num_calibration_images=target.tflite.num_calibration_images,
+        gcp_conn_id=gcp.gcp_conn_id,
+    )
+    publish = PublishMobileModelOperator(
+        task_id="publish",
+        display_name=target.publish.display_name,
+        tflite_uri=convert_tflite.output["tflite_uri"],
+        tags=target.publish.tags,
+        backend=target.publish.backend,
+        metadata={"run_id": "{{ run_id }}", "architecture": target.architecture, "model_dir": model_dir},
+        gcp_conn_id=gcp.gcp_conn_id,
+        firebase_conn_id=gcp.firebase_conn_id,
+        firebase_project=gcp.firebase_project,
+        firebase_storage_bucket=gcp.firebase_storage_bucket,
+        unlock_timeout_s=target.publish.unlock_timeout_s,
+        remote_config_parameter=target.publish.remote_config_parameter,
+    )
+    return [convert_tflite, publish]

@@ -1,0 +1,102 @@
+"""Champion/challenger gate: deliver a new model only if it is at least as good as the one serving."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+
+from airflow.sdk.exceptions import AirflowSkipException
+
+from dual_deploy.hooks.gcs_io import GcsIO
+from dual_deploy.operators.base import DictOutputOperator
+from dual_deploy.operators.tflite import localize_manifest
+from dualml.dataset import SplitManifest, parse_labels
+
+
+def decide(challenger: dict, champion: dict | None, *, tolerance: float, min_accuracy: float,
+           min_macro_f1: float) -> tuple[bool, str]:
+    """(promote, reason). Pure, so the rule is unit-tested on its own.
+
+    Absolute minimums first; then the challenger must beat the champion or tie within
+    ``tolerance`` (accuracy, as a fraction) on the same test split. No champion: promote.
+    """
+    acc, f1 = challenger["accuracy"], challenger["macro_f1"]
+    if acc < min_accuracy:
+        return False, f"accuracy {acc:.3f} below the minimum {min_accuracy:.3f}"
+    if f1 < min_macro_f1:
+        return False, f"macro F1 {f1:.3f} below the minimum {min_macro_f1:.3f}"
+    if champion is None:
+        return True, f"first model for this target (accuracy {acc:.3f}): no champion to beat"
+    if champion.get("incomparable"):
+        return True, f"champion not comparable ({champion['incomparable']}); promoting accuracy {acc:.3f}"
+    best = champion["accuracy"]
+    if acc + 1e-9 >= best - tolerance:
+        verb = "beats" if acc > best else "ties with"
+        return True, f"challenger accuracy {acc:.3f} {verb} champion {best:.3f} (tolerance {tolerance:.3f})"
+    return False, f"challenger accuracy {acc:.3f} < champion {best:.3f} - tolerance {tolerance:.3f}: keeping the champion"
+
+
+class ChampionGateOperator(DictOutputOperator):
+    """Compare this run's model (challenger) with the target's champion on this run's test split.
+
+    The champion record (``champion_uri``, written by the run summary when a model was delivered)
+    points at the serving model's artifacts; its ``model.keras`` is re-evaluated on the
+    challenger's held-out test split so both are scored on the same images. If the challenger
+    is not promoted the task is skipped: nothing downstream (register/deploy, convert/publish)
+    runs, serving is unchanged, and the summary reports "not promoted" with the reason.
+
+    XCom: ``{"promote", "reason", "challenger": {accuracy, macro_f1}, "champion": {...} | None,
+    "champion_uri", "duration_s"}`` (pushed before a skip too).
+    """
+
+    template_fields: Sequence[str] = ("model_dir", "split_uri", "champion_uri")
+    ui_color = "#f3e5f5"
+
+    def __init__(self, *, model_dir: str, split_uri: str, champion_uri: str, tolerance: float = 0.01,
+                 min_accuracy: float = 0.0, min_macro_f1: float = 0.0, gcp_conn_id: str = "google_cloud_default",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.model_dir = model_dir
+        self.split_uri = split_uri
+        self.champion_uri = champion_uri
+        self.tolerance = tolerance
+        self.min_accuracy = min_accuracy
+        self.min_macro_f1 = min_macro_f1
+        self.gcp_conn_id = gcp_conn_id
+
+    def execute(self, context) -> dict:
+        t0 = time.monotonic()
+        io = GcsIO(self.gcp_conn_id)
+        metrics = io.read_json(f"{self.model_dir.rstrip('/')}/metrics.json")
+        challenger = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "model_dir": self.model_dir}
+        record = io.read_json(self.champion_uri) if io.exists(self.champion_uri) else None
+        champion = self._evaluate_champion(io, record, metrics["labels"]) if record else None
+        promote, reason = decide(challenger, champion, tolerance=self.tolerance, min_accuracy=self.min_accuracy,
+                                 min_macro_f1=self.min_macro_f1)
+        result = {"promote": promote, "reason": reason, "challenger": challenger, "champion": champion,
+                  "champion_uri": self.champion_uri, "duration_s": round(time.monotonic() - t0, 2)}
+        self.log.info("%s: %s", "PROMOTE" if promote else "NOT PROMOTED", reason)
+        if not promote:
+            for key, value in result.items():
+                context["ti"].xcom_push(key=key, value=value)
+            context["ti"].xcom_push(key="return_value", value=result)
+            raise AirflowSkipException(f"not promoted: {reason}")
+        return result
+
+    def _evaluate_champion(self, io: GcsIO, record: dict, labels: list[str]) -> dict:
+        from dualml.trainer.evaluate import evaluate_keras_model
+
+        champion_dir = record["model_dir"].rstrip("/")
+        champion_labels = parse_labels(io.read_bytes(f"{champion_dir}/labels.txt").decode())
+        base = {"model_dir": champion_dir, "run_id": record.get("run_id")}
+        if champion_labels != labels:
+            return {**base, "incomparable": f"its classes {champion_labels} differ from this run's {labels}"}
+        manifest = SplitManifest.from_json(io.read_bytes(self.split_uri).decode())
+        with tempfile.TemporaryDirectory() as tmp:
+            model_path = io.download(f"{champion_dir}/model.keras", os.path.join(tmp, "model.keras"))
+            local = localize_manifest(io, manifest, os.path.join(tmp, "data"), {"test": None})
+            m = evaluate_keras_model(model_path, local.files["test"], labels)
+        self.log.info("champion %s scores accuracy %.4f on this run's test split", champion_dir, m["accuracy"])
+        return {**base, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
