@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: help setup test test-fast lint run stop bench clean
+.PHONY: help setup tools test test-fast lint run stop bench clean
 
 help:
 	@echo "make setup   - create .venv and install requirements (uv, ~1-2 min)"
 	@echo "make run     - sample data -> GCS emulator -> Airflow -> dual_deployment DAG (DATA=/path/to/folder to use yours)"
 	@echo "make stop    - stop the emulator and endpoint processes make run started"
+	@echo "make tools   - system tools the tests need (docker-compose, to validate docker-compose.yaml)"
 	@echo "make test    - ruff + the whole test suite"
 	@echo "make bench   - benchmarks"
 
@@ -27,7 +28,15 @@ lint: setup
 	$(VENV)/bin/ruff check dags plugins include tests scripts
 	$(VENV)/bin/ruff check --select AIR3 dags plugins
 
-test: setup lint
+# Debian's docker-compose validates docker-compose.yaml offline (no Docker engine needed).
+tools:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "==> installing docker-compose (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	  else echo "docker-compose is missing: run 'sudo apt-get install docker-compose'" >&2; fi; }
+
+test: setup tools lint
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -92,3 +92,30 @@ def gcs_emulator(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- airflow_home ------------------------------------------------------------------------------
+# Importing Airflow writes airflow.cfg (and may open a SQLite DB) under AIRFLOW_HOME. Tests never
+# use the developer's ~/airflow or the `make run` state (.state/airflow): the session gets its own
+# throw-away AIRFLOW_HOME, set before any test module imports Airflow. Tests that run Airflow
+# commands in a subprocess make their own (see tests/test_dag_run_local.py).
+
+
+def pytest_configure(config):
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="dual-deploy-airflow-home-")
+    config._dual_deploy_airflow_home = (home, os.environ.get("AIRFLOW_HOME"))
+    os.environ["AIRFLOW_HOME"] = home
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+
+def pytest_unconfigure(config):
+    home, previous = getattr(config, "_dual_deploy_airflow_home", (None, None))
+    if home is None:
+        return
+    if previous is None:
+        os.environ.pop("AIRFLOW_HOME", None)
+    else:
+        os.environ["AIRFLOW_HOME"] = previous
+    shutil.rmtree(home, ignore_errors=True)

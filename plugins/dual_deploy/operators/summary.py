@@ -32,8 +32,9 @@ def build_summary(*, dag_id: str, run_id: str, platform: str, targets: dict[str,
     operator, whose XCom is the Vertex job, not our metrics.
     """
     metrics = metrics or {}
-    steps = {tid: {"state": states.get(tid), "duration_s": (xcoms.get(tid) or {}).get("duration_s")}
-             for tid in sorted(states)}
+    # Not every XCom is a dict: ShortCircuitOperator (``selected``) pushes its callable's bool.
+    steps = {tid: {"state": states.get(tid), "duration_s": x.get("duration_s") if isinstance(x, dict) else None}
+             for tid in sorted(states) for x in [xcoms.get(tid)]}
     out_targets = {}
     for name, kind in targets.items():
         group = {tid.split(".", 1)[1]: x for tid, x in xcoms.items() if tid.startswith(name + ".")}
