@@ -117,7 +117,7 @@ def test_cloud_train_is_a_deferrable_custom_job_with_the_exact_spec(dag, cfg):
         "--architecture=densenet121",
         f"--split-uri={SPLIT_URI}",
         "--image-size=224", "--batch-size=32", "--learning-rate=0.001", "--weights=imagenet",
-        "--fine-tune-epochs=5", "--fine-tune-at=300", "--early-stopping-patience=3", "--augment=true",
+        "--fine-tune-epochs=5", "--fine-tune-at=300", "--early-stopping-patience=3", "--augment=true", "--deterministic=false",
         "--epochs={{ params.epochs or 10 }}",
     ]
     machine = {"machine_type": "n1-highmem-8", "accelerator_type": "NVIDIA_L4", "accelerator_count": 2}

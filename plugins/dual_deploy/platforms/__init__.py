@@ -19,6 +19,7 @@ from airflow.sdk import TaskGroup
 
 from dual_deploy.config import Config, ConfigError, TargetConfig
 from dual_deploy.operators.gate import ChampionGateOperator
+from dual_deploy.operators.tflite import ConvertToTFLiteOperator
 
 
 def trainer_args(target: TargetConfig, split_uri: str) -> list[str]:
@@ -31,6 +32,28 @@ def trainer_args(target: TargetConfig, split_uri: str) -> list[str]:
     args += [a for a in t.trainer_args() if not a.startswith("--epochs=")]
     args.append(f"--epochs={{{{ params.epochs or {t.epochs} }}}}")
     return args
+
+
+def convert_tflite_task(target: TargetConfig, run_uri: str, split_uri: str, model_dir, **kwargs):
+    """The TFLite conversion + validation step: the same operator on every platform."""
+    t = target.tflite
+    return ConvertToTFLiteOperator(
+        task_id="convert_tflite",
+        model_dir=model_dir,
+        split_uri=split_uri,
+        output_dir=f"{run_uri}/{target.name}/tflite",
+        mode=t.mode,
+        min_agreement=t.min_agreement,
+        max_accuracy_drop=t.max_accuracy_drop,
+        max_size_mb=t.max_size_mb,
+        num_calibration_images=t.num_calibration_images,
+        **kwargs,
+    )
+
+
+def publish_metadata(target: TargetConfig, model_dir) -> dict:
+    """Stored with the published mobile model: which run and which trained model it came from."""
+    return {"run_id": "{{ run_id }}", "architecture": target.architecture, "model_dir": model_dir}
 
 
 def champions_prefix(cfg: Config) -> str:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dual_deploy.config import Config, TargetConfig, TrainingConfig
 from dual_deploy.operators.publish import PublishMobileModelOperator
-from dual_deploy.operators.tflite import ConvertToTFLiteOperator
 from dual_deploy.operators.vertex import (
     CanaryDeployModelOperator,
     RegisterModelVersionOperator,
     VertexCustomJobOperator,
 )
-from dual_deploy.platforms import trainer_args
+from dual_deploy.platforms import convert_tflite_task, publish_metadata, trainer_args
 
 TRAINING_POLL_INTERVAL_S = 60
 
@@ -107,25 +106,14 @@ def delivery_tasks(target: TargetConfig, cfg: Config, run_uri: str, split_uri: s
             **_where(cfg),
         )
         return [register_model, deploy]
-    convert_tflite = ConvertToTFLiteOperator(
-        task_id="convert_tflite",
-        model_dir=model_dir,
-        split_uri=split_uri,
-        output_dir=f"{run_uri}/{target.name}/tflite",
-        mode=target.tflite.mode,
-        min_agreement=target.tflite.min_agreement,
-        max_accuracy_drop=target.tflite.max_accuracy_drop,
-        max_size_mb=target.tflite.max_size_mb,
-        num_calibration_images=target.tflite.num_calibration_images,
-        gcp_conn_id=gcp.gcp_conn_id,
-    )
+    convert_tflite = convert_tflite_task(target, run_uri, split_uri, model_dir, gcp_conn_id=gcp.gcp_conn_id)
     publish = PublishMobileModelOperator(
         task_id="publish",
         display_name=target.publish.display_name,
         tflite_uri=convert_tflite.output["tflite_uri"],
         tags=target.publish.tags,
         backend=target.publish.backend,
-        metadata={"run_id": "{{ run_id }}", "architecture": target.architecture, "model_dir": model_dir},
+        metadata=publish_metadata(target, model_dir),
         gcp_conn_id=gcp.gcp_conn_id,
         firebase_conn_id=gcp.firebase_conn_id,
         firebase_project=gcp.firebase_project,

@@ -9,8 +9,7 @@ from dual_deploy.operators.local_vertex import (
     LocalUploadModelOperator,
 )
 from dual_deploy.operators.publish import PublishMobileModelOperator
-from dual_deploy.operators.tflite import ConvertToTFLiteOperator
-from dual_deploy.platforms import trainer_args
+from dual_deploy.platforms import convert_tflite_task, publish_metadata, trainer_args
 
 
 def train_task(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str):
@@ -48,17 +47,7 @@ def delivery_tasks(target: TargetConfig, cfg: Config, run_uri: str, split_uri: s
             **common,
         )
         return [register_model, deploy]
-    convert_tflite = ConvertToTFLiteOperator(
-        task_id="convert_tflite",
-        model_dir=model_dir,
-        split_uri=split_uri,
-        output_dir=f"{run_uri}/{target.name}/tflite",
-        mode=target.tflite.mode,
-        min_agreement=target.tflite.min_agreement,
-        max_accuracy_drop=target.tflite.max_accuracy_drop,
-        max_size_mb=target.tflite.max_size_mb,
-        num_calibration_images=target.tflite.num_calibration_images,
-    )
+    convert_tflite = convert_tflite_task(target, run_uri, split_uri, model_dir)
     publish = PublishMobileModelOperator(
         task_id="publish",
         display_name=target.publish.display_name,
@@ -66,6 +55,6 @@ def delivery_tasks(target: TargetConfig, cfg: Config, run_uri: str, split_uri: s
         tags=target.publish.tags,
         backend=target.publish.backend,
         local_bucket=loc.bucket,
-        metadata={"run_id": "{{ run_id }}", "architecture": target.architecture, "model_dir": model_dir},
+        metadata=publish_metadata(target, model_dir),
     )
     return [convert_tflite, publish]
