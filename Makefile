@@ -14,7 +14,7 @@ help:
 	@echo "make stop    - stop the emulator and endpoint processes make run started"
 	@echo "make tools   - system tools the tests need (docker-compose, to validate docker-compose.yaml)"
 	@echo "make test    - ruff + the whole test suite"
-	@echo "make bench   - benchmarks"
+	@echo "make bench   - benchmarks -> bench/results.json + README performance table (BENCH_ARGS=--quick)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v uv >/dev/null 2>&1 || $(PY_BOOT) -m pip install --quiet --disable-pip-version-check uv
@@ -47,6 +47,11 @@ run: setup
 
 stop:
 	@bash scripts/stop_local.sh
+
+# Benchmarks -> bench/results.json + the README performance table (~20 min on 2 cores;
+# BENCH_ARGS="--quick --skip-e2e" for a shorter run).
+bench: setup
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean: stop
 	rm -rf .state data
