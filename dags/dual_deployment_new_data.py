@@ -14,6 +14,7 @@ skipped with a log line, so the same data is never trained twice.
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from airflow.providers.google.cloud.sensors.gcs import GCSObjectsWithPrefixExistenceSensor
@@ -46,6 +47,11 @@ with DAG(
         poke_interval=TRIGGERS.sensor_poke_interval_s,
         timeout=TRIGGERS.sensor_timeout_s,
         soft_fail=True,  # nothing arrived this window: skipped, not failed
+        # Airflow 3.3 can mark a task whose trigger fires right after it deferred as killed
+        # (apache/airflow#67287): retry quickly rather than after the DAG's minutes-long backoff.
+        retries=3,
+        retry_delay=timedelta(seconds=15),
+        retry_exponential_backoff=False,
     )
     find_new_dataset = FindNewDatasetOperator(
         task_id="find_new_dataset",
