@@ -81,7 +81,7 @@ def gcp_raw() -> dict:
             for k, v in section.items():
                 if isinstance(v, str):
                     section[k] = v.replace("YOUR_BUCKET", "test-bucket")
-    raw["gcp"].update(project=PROJECT, region=REGION, staging_bucket="gs://test-staging", trainer_image=TRAINER,
+    raw["gcp"].update(project=PROJECT, region=REGION, trainer_image=TRAINER,
                       serving_image=SERVING, service_account=SA, firebase_project="test-firebase",
                       firebase_storage_bucket="test-firebase.appspot.com")
     cloud = next(t for t in raw["targets"] if t["name"] == "cloud")
@@ -134,9 +134,6 @@ def test_cloud_train_is_a_deferrable_custom_job_with_the_exact_spec(dag, cfg):
             "scheduling": {"strategy": "SPOT"},
         },
     }
-    # The CustomJob API has no staging bucket (only the SDK's training-pipeline classes take one):
-    # every output goes under the per-run base_output_directory.
-    assert "test-staging" not in json.dumps(op.custom_job)
     # Valid for the API: field names and enum values parse into the CustomJob message.
     job = CustomJob(op.custom_job)
     assert job.job_spec.scheduling.strategy.name == "SPOT"

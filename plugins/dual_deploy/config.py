@@ -149,7 +149,6 @@ class LocalConfig(_Strict):
 class GcpConfig(_Strict):
     project: str = ""
     region: str = "us-central1"
-    staging_bucket: str = ""
     trainer_image: str = ""
     serving_image: str = ""
     service_account: str | None = None
@@ -202,7 +201,7 @@ class Config(_Strict):
         if not self.artifacts_uri.startswith("gs://"):
             raise ValueError(f"artifacts_uri must be a gs:// URI, got {self.artifacts_uri!r}")
         if self.platform == "gcp":
-            missing = [k for k in ("project", "staging_bucket", "trainer_image", "serving_image") if not getattr(self.gcp, k)]
+            missing = [k for k in ("project", "trainer_image", "serving_image") if not getattr(self.gcp, k)]
             if missing:
                 raise ValueError(f"platform 'gcp' needs gcp.{', gcp.'.join(missing)} set in the config file")
         return self
