@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 setup: $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check dags plugins include tests scripts
+	$(VENV)/bin/ruff check dags plugins include tests scripts bench
 	$(VENV)/bin/ruff check --select AIR3 dags plugins
 
 # Debian's docker-compose validates docker-compose.yaml offline (no Docker engine needed).
@@ -48,7 +48,7 @@ run: setup
 stop:
 	@bash scripts/stop_local.sh
 
-# Benchmarks -> bench/results.json + the README performance table (~20 min on 2 cores;
+# Benchmarks -> bench/results.json + the README performance table (~15 min on 2 cores;
 # BENCH_ARGS="--quick --skip-e2e" for a shorter run).
 bench: setup
 	$(PY) bench/run_all.py $(BENCH_ARGS)

@@ -1,0 +1,406 @@
+"""Helpers shared by the benchmarks: paths, environments, statistics, sample data, machine info
+and the README performance table. Standard library only (importable without TensorFlow/Airflow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+RESULTS_FILE = BENCH_DIR / "results.json"
+README = ROOT / "README.md"
+MARK_START = "<!-- bench:start -->"
+MARK_END = "<!-- bench:end -->"
+HEAVY_MODULES = ("tensorflow", "keras", "ai_edge_litert", "firebase_admin.ml", "google.cloud.aiplatform")
+LOAD_THRESHOLD = 2.0  # 1-minute load average above which figures are flagged as taken under load
+
+
+def setup_paths() -> None:
+    """Make ``dualml`` / ``dual_deploy`` importable when a bench module runs as a script."""
+    for p in (ROOT / "include", ROOT / "plugins", BENCH_DIR):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Python child that imports dualml / dual_deploy."""
+    env = dict(os.environ)
+    paths = [str(ROOT / "include"), str(ROOT / "plugins")]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(extra or {})
+    return env
+
+
+def local_env(state_dir: str) -> dict[str, str]:
+    """The environment ``scripts/local_env.sh`` sets up, with ``STATE_DIR`` redirected to ``state_dir``."""
+    out = subprocess.run(
+        ["bash", "-c", 'source scripts/local_env.sh >/dev/null && env -0'],
+        cwd=ROOT,
+        env={**os.environ, "STATE_DIR": state_dir},
+        capture_output=True,
+        check=True,
+    ).stdout
+    env = {}
+    for item in out.split(b"\0"):
+        if b"=" in item:
+            k, v = item.split(b"=", 1)
+            env[k.decode()] = v.decode()
+    return env
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize_ms(seconds: Sequence[float]) -> dict:
+    """Latency summary in milliseconds from a list of durations in seconds."""
+    ms = [s * 1000.0 for s in seconds]
+    return {
+        "n": len(ms),
+        "mean_ms": statistics.fmean(ms),
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def run_bounded(fn: Callable[[], None], *, count: int, seconds: float, concurrency: int = 1) -> tuple[list, float]:
+    """Call ``fn`` up to ``count`` times in total from ``concurrency`` threads, stopping early at
+    ``seconds``. Returns (per-call durations in seconds, wall seconds)."""
+    import threading
+
+    lock = threading.Lock()
+    remaining = [count]
+    durations: list[float] = []
+    errors: list[BaseException] = []
+    deadline = time.perf_counter() + seconds
+
+    def worker():
+        while True:
+            with lock:
+                if remaining[0] <= 0 or time.perf_counter() > deadline or errors:
+                    return
+                remaining[0] -= 1
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except BaseException as e:  # surfaced after the threads stop
+                with lock:
+                    errors.append(e)
+                return
+            dt = time.perf_counter() - t0
+            with lock:
+                durations.append(dt)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return durations, wall
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def ensure_sample_data(data_dir: str | os.PathLike, per_class: int = 60) -> str:
+    """The generated sample dataset (dualml.sample_data, the one ``make run`` uses) in ``data_dir``."""
+    setup_paths()
+    from dualml import sample_data
+
+    data_dir = Path(data_dir)
+    if not any(data_dir.glob("*/*.jpg")):
+        sample_data.generate(data_dir, per_class=per_class)
+    return str(data_dir)
+
+
+def local_split(data_dir: str):
+    """The train/val/test split the local platform would stage for ``data_dir`` (config fractions, seed)."""
+    setup_paths()
+    from dual_deploy.config import load_config
+    from dualml import dataset
+
+    cfg = load_config(platform="local")
+    return dataset.stratified_split(
+        dataset.list_image_folder(data_dir),
+        val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.data.seed,
+        data_root=data_dir,
+    )
+
+
+def local_image_sizes() -> dict[str, int]:
+    """architecture -> image size of the local platform's targets."""
+    setup_paths()
+    from dual_deploy.config import load_config
+
+    cfg = load_config(platform="local")
+    return {t.architecture: t.training.image_size for t in cfg.targets}
+
+
+# --- machine -----------------------------------------------------------------------------------
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        m = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        mem_gib = round(int(m.group(1)) / 1024 / 1024, 1) if m else None
+    except OSError:
+        pass
+    try:
+        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        nproc = os.cpu_count()
+    load1, load5, load15 = os.getloadavg()
+    return {
+        "nproc": nproc,
+        "memory_gib": mem_gib,
+        "cpu_model": cpu_model or platform.processor() or platform.machine(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "tensorflow": _dist_version("tensorflow"),
+        "keras": _dist_version("keras"),
+        "ai_edge_litert": _dist_version("ai-edge-litert"),
+        "airflow": _dist_version("apache-airflow"),
+        "load_average_at_start": [round(load1, 2), round(load5, 2), round(load15, 2)],
+        "under_load": load1 > LOAD_THRESHOLD,
+    }
+
+
+def machine_line(m: dict) -> str:
+    return f"{m.get('cpu_model')}, {m.get('nproc')} CPU cores, {m.get('memory_gib')} GiB RAM"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+# --- README table ------------------------------------------------------------------------------
+
+
+def _f(x, fmt: str = "{:.2f}", none: str = "n/a") -> str:
+    if x is None:
+        return none
+    try:
+        return fmt.format(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _pct(x) -> str:
+    return _f(None if x is None else 100.0 * x, "{:.1f} %")
+
+
+def _x(x) -> str:
+    return _f(x, "{:.2f}x")
+
+
+def render_table(results: dict) -> str:
+    """The markdown block that goes between the README markers (intro sentence + tables)."""
+    m = results.get("machine", {})
+    date = (results.get("date") or "")[:10]
+    lines = [
+        f"Measured by `make bench` on {date}, {machine_line(m)}; Python {m.get('python')}, "
+        f"TensorFlow {m.get('tensorflow')}, Airflow {m.get('airflow')}"
+        + (" (quick variant)" if results.get("quick") else "")
+        + ". All figures in `bench/results.json`.",
+    ]
+    if m.get("under_load"):
+        la = m.get("load_average_at_start") or ["?"]
+        lines[0] += (
+            f" **Taken under load** (1-min load average {la[0]} on {m.get('nproc')} cores when the run started):"
+            " absolute figures are pessimistic, the side-by-side ratios are the ones to compare."
+        )
+    lines += ["", "| benchmark | measured | compared with | ratio |", "|---|---|---|---|"]
+    rows: list[tuple[str, str, str, str]] = []
+    b = results.get("benchmarks", {})
+
+    pt = b.get("parse_time") or {}
+    if pt.get("error"):
+        rows.append(("DAG parse time", f"error: {pt['error']}", "", ""))
+    elif pt:
+        base = pt.get("baseline") or {}
+        for f in pt.get("files", []):
+            heavy = ", ".join(f.get("heavy_modules") or []) or "none"
+            err = f" ({len(f['import_errors'])} import errors)" if f.get("import_errors") else ""
+            rows.append((
+                f"DAG parse `{f['file']}` (median of {f.get('runs')})",
+                f"{_f(f.get('parse_s'), '{:.2f} s')}{err} (whole process {_f(f.get('process_wall_s'), '{:.1f} s')}); "
+                f"heavy imports: {heavy}",
+                f"`import airflow.sdk` {_f(base.get('import_s'), '{:.2f} s')} "
+                f"(whole process {_f(base.get('process_wall_s'), '{:.1f} s')})",
+                f"{_x(f.get('ratio_vs_sdk'))} (whole process {_x(f.get('ratio_process_wall_vs_sdk'))})",
+            ))
+
+    e2e = b.get("e2e") or {}
+    if e2e.get("error"):
+        e2e = {**e2e, "error": str(e2e["error"])[:200]}
+    if e2e.get("skipped"):
+        rows.append(("local end-to-end (`make run`)", f"skipped ({e2e['skipped']})", "", ""))
+    elif e2e.get("error"):
+        rows.append(("local end-to-end (`make run`)", f"error: {e2e['error']}", "", ""))
+    elif e2e:
+        rows.append((
+            "local end-to-end (`make run`, fresh state)",
+            f"{_f(e2e.get('wall_s'), '{:.0f} s')} wall ({e2e.get('status')})",
+            f"sum of DAG task durations {_f(e2e.get('dag_steps_s'), '{:.0f} s')}" if e2e.get("dag_steps_s") else "",
+            f"DAG tasks {_pct(ratio(e2e.get('dag_steps_s'), e2e.get('wall_s')))} of wall"
+            if e2e.get("dag_steps_s") else "",
+        ))
+
+    tt = b.get("training_throughput") or {}
+    if tt.get("error"):
+        rows.append(("training throughput", f"error: {tt['error']}", "", ""))
+    for mm in tt.get("models", []):
+        rows.append((
+            f"training {mm['architecture']} {mm['image_size']} px, batch {mm['batch_size']}",
+            f"input pipeline {_f(mm.get('pipeline_img_s'), '{:.1f} img/s')}",
+            f"in-memory tensors {_f(mm.get('in_memory_img_s'), '{:.1f} img/s')}",
+            _x(mm.get("ratio_pipeline_vs_in_memory")),
+        ))
+
+    tl = b.get("tflite_modes") or {}
+    if tl.get("error"):
+        rows.append(("TFLite", f"error: {tl['error']}", "", ""))
+    elif tl:
+        k = tl.get("keras") or {}
+        rows.append((
+            f"Keras {tl.get('architecture')} {tl.get('image_size')} px (reference)",
+            f"{_f(k.get('size_mb'), '{:.2f} MB')}, batch-1 {_f(k.get('latency_ms_mean'), '{:.2f}')}/"
+            f"{_f(k.get('latency_ms_p95'), '{:.2f} ms')} mean/p95, accuracy {_pct(k.get('accuracy'))}",
+            f"test split, {tl.get('num_examples')} images",
+            "",
+        ))
+        for md in tl.get("modes", []):
+            if md.get("error"):
+                rows.append((f"TFLite `{md['mode']}`", f"error: {md['error']}", "", ""))
+                continue
+            rows.append((
+                f"TFLite `{md['mode']}`",
+                f"{_f(md.get('size_mb'), '{:.2f} MB')}, {_f(md.get('latency_ms_mean'), '{:.2f}')}/"
+                f"{_f(md.get('latency_ms_p95'), '{:.2f} ms')} mean/p95, accuracy {_pct(md.get('accuracy'))}, "
+                f"agreement {_pct(md.get('agreement'))}",
+                "size vs float32; latency vs Keras batch-1",
+                f"size {_x(md.get('size_ratio_vs_float32'))}, latency {_x(md.get('latency_ratio_vs_keras'))}",
+            ))
+
+    ep = b.get("endpoint_latency") or {}
+    if ep.get("error"):
+        rows.append(("endpoint", f"error: {ep['error']}", "", ""))
+    for c in ep.get("concurrency", []):
+        h, p = c.get("http") or {}, c.get("in_process") or {}
+        health = c.get("http_health") or {}
+        health_txt = f"; `GET /health` p50 {_f(health.get('p50_ms'), '{:.1f} ms')}" if health else ""
+        rows.append((
+            f"endpoint {ep.get('architecture')} {ep.get('image_size')} px, {c['clients']} client(s)",
+            f"HTTP p50/p99 {_f(h.get('p50_ms'), '{:.1f}')}/{_f(h.get('p99_ms'), '{:.1f} ms')}, "
+            f"{_f(h.get('req_s'), '{:.1f} req/s')}{health_txt}",
+            f"in-process p50/p99 {_f(p.get('p50_ms'), '{:.1f}')}/{_f(p.get('p99_ms'), '{:.1f} ms')}, "
+            f"{_f(p.get('req_s'), '{:.1f} calls/s')}",
+            f"p50 {_x(c.get('p50_ratio'))}, throughput {_x(c.get('throughput_ratio'))}",
+        ))
+
+    for r in rows:
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |")
+    notes = list(results.get("notes") or [])
+    carried = {k: v["carried_over_from"] for k, v in b.items() if isinstance(v, dict) and v.get("carried_over_from")}
+    notes += [f"`{k}`: not re-run; figures from the run of {d[:10]}." for k, d in carried.items()]
+    if notes:
+        lines.append("")
+        lines += [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """Put ``block`` between the bench markers of ``text``; add a ``## Performance`` section at the
+    end when the markers are missing. Only the text between the markers changes."""
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start != -1 and end != -1 and end > start:
+        return text[: start + len(MARK_START)] + "\n" + block.strip("\n") + "\n" + text[end:]
+    if start != -1 or end != -1:
+        raise ValueError(f"README has only one of {MARK_START} / {MARK_END}; fix the markers by hand")
+    section = f"## Performance\n\n{MARK_START}\n{block.strip(chr(10))}\n{MARK_END}\n"
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def update_readme(results: dict, readme: Path = README) -> None:
+    readme.write_text(replace_block(readme.read_text(), render_table(results)))
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
