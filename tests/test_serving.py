@@ -333,17 +333,19 @@ def test_keep_alive_connection_survives_errors(server):
 
 
 def test_chunked_body_is_refused_with_411(server):
+    # One write of the whole chunked request: the server answers 411 as soon as it has read the
+    # headers and closes, so a client still streaming chunks would race it (BrokenPipe).
     host, port = server.url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        body = iter([b'{"instances": ', b"[]}"])
-        path = server.predict_url.removeprefix(server.url)
-        conn.request("POST", path, body=body, encode_chunked=True)
-        resp = conn.getresponse()
+    path = server.predict_url.removeprefix(server.url)
+    chunk = b'{"instances": []}'
+    raw = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+           f"Transfer-Encoding: chunked\r\n\r\n{len(chunk):x}\r\n").encode() + chunk + b"\r\n0\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(raw)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
         assert resp.status == 411
         assert "content-length" in json.loads(resp.read())["error"].lower()
-    finally:
-        conn.close()
     assert _request(server.health_url)[0] == 200
 
 
