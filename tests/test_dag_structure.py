@@ -296,6 +296,7 @@ def test_unknown_tflite_mode():
 def test_mobile_target_without_tflite_section():
     raw = _default_raw()
     del raw["targets"][1]["tflite"]
+    raw["platforms"]["local"]["targets"]["mobile"].pop("tflite", None)  # the local override sets thresholds
     msg = _error(raw)
     assert "'mobile'" in msg and "tflite" in msg
 
