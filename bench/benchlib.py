@@ -404,3 +404,11 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print a benchmark's result as JSON and, with ``--out``, write it for run_all.py."""
+    text = json.dumps(result, indent=1)
+    if out:
+        Path(out).write_text(text)
+    print(text)

@@ -103,10 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     res = run(free_ports=a.free_ports)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    benchlib.emit(res, a.out)
     return 0
 
 

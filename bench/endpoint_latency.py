@@ -247,10 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     res = run(a.data, requests=100 if a.quick else a.requests, seconds=20.0 if a.quick else a.seconds)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    benchlib.emit(res, a.out)
     return 0
 
 

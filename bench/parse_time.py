@@ -132,10 +132,7 @@ def main(argv=None) -> int:
         _child(a.child)
         return 0
     res = run(runs=3 if a.quick else a.runs)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    benchlib.emit(res, a.out)
     return 0
 
 

@@ -15,7 +15,6 @@ size is its float32 weights (parameters x 4 bytes; ``model.keras`` also holds th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -165,10 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     res = run(a.data, a.model, epochs=a.epochs, latency_runs=50 if a.quick else a.latency_runs)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    benchlib.emit(res, a.out)
     return 0
 
 

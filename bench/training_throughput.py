@@ -20,7 +20,6 @@ reported, with the ratio pipeline / in-memory.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tempfile
@@ -160,10 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--out")
     a = p.parse_args(argv)
     res = run(a.data, rounds=2 if a.quick else a.rounds, min_measure_s=3.0 if a.quick else 6.0)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    benchlib.emit(res, a.out)
     return 0
 
 
