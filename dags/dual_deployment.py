@@ -17,19 +17,16 @@ Params: `data_uri` (dataset root), `epochs` (override for every target), `target
 Each target's `champion_gate` delivers only a model at least as good as the one serving.
 """
 
-import os
-from pathlib import Path
 
 from airflow.sdk import DAG
 
-from dual_deploy.config import load_config
+from dual_deploy.config import load_dag_config
 from dual_deploy.dag_helpers import DEFAULT_ARGS, TEMPLATE_FILTERS, cost_inputs, run_params, run_uri
 from dual_deploy.operators.dataset import StageSplitOperator, ValidateDatasetOperator
 from dual_deploy.operators.summary import RunSummaryOperator
 from dual_deploy.platforms import build_target_group, champions_prefix
 
-# DUAL_DEPLOY_CONFIG (another config file) wins over the one beside this DAG, as everywhere else.
-CONFIG = load_config(os.environ.get("DUAL_DEPLOY_CONFIG") or Path(__file__).parent / "config" / "dual_deploy.yaml")
+CONFIG = load_dag_config(__file__)
 RUN_URI = run_uri(CONFIG)
 SPLIT_URI = f"{RUN_URI}/split.json"
 CHAMPIONS_URI = champions_prefix(CONFIG)

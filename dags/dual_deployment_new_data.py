@@ -13,20 +13,18 @@ skipped with a log line, so the same data is never trained twice.
 `dual_deployment` with `data_uri` = that batch and the run id `newdata__<fingerprint>`.
 """
 
-import os
 from datetime import timedelta
-from pathlib import Path
 
 from airflow.providers.google.cloud.sensors.gcs import GCSObjectsWithPrefixExistenceSensor
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG
 
-from dual_deploy.config import load_config
+from dual_deploy.config import load_dag_config
 from dual_deploy.dag_helpers import DEFAULT_ARGS
 from dual_deploy.hooks.gcs_io import GcsIO
 from dual_deploy.operators.new_data import FindNewDatasetOperator
 
-CONFIG = load_config(os.environ.get("DUAL_DEPLOY_CONFIG") or Path(__file__).parent / "config" / "dual_deploy.yaml")
+CONFIG = load_dag_config(__file__)
 TRIGGERS = CONFIG.triggers
 BUCKET, PREFIX = GcsIO.parse(TRIGGERS.incoming_uri)
 

@@ -295,3 +295,9 @@ def _load_file(path: str) -> dict:
 def load_config(path: str | os.PathLike | None = None, platform: str | None = None) -> Config:
     path = str(path or os.environ.get("DUAL_DEPLOY_CONFIG") or DEFAULT_CONFIG)
     return build_config(_load_file(path), platform)
+
+
+def load_dag_config(dag_file: str | os.PathLike) -> Config:
+    """The config a DAG file uses: ``DUAL_DEPLOY_CONFIG`` if set, else ``config/dual_deploy.yaml``
+    beside the DAG file (so it travels with dags/ to Composer)."""
+    return load_config(os.environ.get("DUAL_DEPLOY_CONFIG") or Path(dag_file).parent / "config" / "dual_deploy.yaml")
