@@ -2,6 +2,7 @@
 # `make run`: sample data -> GCS emulator -> Airflow DB -> dual_deployment (airflow dags test) -> summary.
 set -euo pipefail
 source "$(dirname "$0")/local_env.sh"
+source "$(dirname "$0")/data_helpers.sh"
 cd "$ROOT"
 DATA="${1:-}"
 START=$(date +%s)
@@ -15,7 +16,7 @@ if [ -z "$DATA" ]; then
   fi
 fi
 DATA="$(cd "$DATA" && pwd)"
-NAME="$(basename "$DATA" | tr '[:upper:]' '[:lower:]' | tr -c 'a-z0-9_\n-' '-')"
+NAME="$(dataset_name "$DATA")"
 BUCKET=$(python -c 'from dual_deploy.config import load_config; print(load_config().local.bucket)')
 DATA_URI="gs://$BUCKET/datasets/$NAME"
 
@@ -38,7 +39,7 @@ if [ ! -f "$STATE_DIR/run_summary.json" ]; then
   echo "The run did not write a summary; see $STATE_DIR/logs/dags-test.log" >&2
   exit 1
 fi
-EXAMPLE=$(find "$DATA" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' \) | sort | head -1)
+EXAMPLE=$(example_image "$DATA")
 python -m dual_deploy.local_platform show-summary "$STATE_DIR/run_summary.json" --example-image "$EXAMPLE"
 echo "make run took $(( $(date +%s) - START )) s"
 python -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["status"] == "success" else 1)' "$STATE_DIR/run_summary.json"
