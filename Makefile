@@ -6,23 +6,32 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: help setup tools test test-fast lint run stop bench clean
+.PHONY: help setup lock tools test test-fast lint run stop bench clean
 
 help:
-	@echo "make setup   - create .venv and install requirements (uv, ~1-2 min)"
+	@echo "make setup   - create .venv with exactly the versions in requirements.lock (uv, ~1-2 min)"
+	@echo "make lock    - re-compile requirements.lock after editing requirements*.txt (LOCK_ARGS=--upgrade)"
 	@echo "make run     - sample data -> GCS emulator -> Airflow -> dual_deployment DAG (DATA=/path/to/folder to use yours)"
 	@echo "make stop    - stop the emulator and endpoint processes make run started"
 	@echo "make tools   - system tools the tests need (docker-compose, to validate docker-compose.yaml)"
 	@echo "make test    - ruff + the whole test suite"
 	@echo "make bench   - benchmarks -> bench/results.json + README performance table (BENCH_ARGS=--quick)"
 
-$(STAMP): requirements.txt requirements-dev.txt
-	@command -v uv >/dev/null 2>&1 || $(PY_BOOT) -m pip install --quiet --disable-pip-version-check uv
+# The venv is exactly requirements.lock (uv pip sync: adds, upgrades and removes to match); the lock
+# must match requirements*.txt, else setup stops and says to run `make lock`.
+$(STAMP): requirements.lock requirements.txt requirements-dev.txt
+	@$(PY_BOOT) scripts/requirements_lock.py check
+	@command -v uv >/dev/null 2>&1 || $(PY_BOOT) -m pip install --quiet --disable-pip-version-check 'uv>=0.5,<1'
 	@if command -v uv >/dev/null 2>&1; then UV=uv; else UV="$(PY_BOOT) -m uv"; fi; \
-	  $$UV venv --allow-existing -p 3.11 $(VENV) && VIRTUAL_ENV=$(VENV) $$UV pip install -r requirements-dev.txt
+	  $$UV venv --allow-existing -p 3.11 $(VENV) && VIRTUAL_ENV=$(VENV) $$UV pip sync --require-hashes requirements.lock
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# Re-resolve requirements.lock after editing requirements*.txt (keeps the other pins;
+# LOCK_ARGS=--upgrade moves everything to the newest allowed versions). Commit the lock.
+lock:
+	@$(PY_BOOT) scripts/requirements_lock.py compile $(LOCK_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check dags plugins include tests scripts bench
