@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 
 .PHONY: help setup lock tools test test-fast lint run stop bench clean
+.PHONY: composer-bundle composer-upload
 
 help:
 	@echo "make setup   - create .venv with exactly the versions in requirements.lock (uv, ~1-2 min)"
@@ -16,6 +17,8 @@ help:
 	@echo "make tools   - system tools the tests need (docker-compose, to validate docker-compose.yaml)"
 	@echo "make test    - ruff + the whole test suite"
 	@echo "make bench   - benchmarks -> bench/results.json + README performance table (BENCH_ARGS=--quick)"
+	@echo "make composer-bundle - build/composer/{dags,plugins}: what Cloud Composer's folders get"
+	@echo "make composer-upload COMPOSER_ENV=env COMPOSER_LOCATION=region - bundle, then gcloud import"
 
 # The venv is exactly requirements.lock (uv pip sync: adds, upgrades and removes to match); the lock
 # must match requirements*.txt, else setup stops and says to run `make lock`.
@@ -61,6 +64,15 @@ stop:
 # BENCH_ARGS="--quick --skip-e2e" for a shorter run).
 bench: setup
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# Cloud Composer (README "Running on GCP", step 4): the dags/ and plugins/ folders, then gcloud import.
+COMPOSER_BUNDLE ?= build/composer
+composer-bundle:
+	@bash scripts/composer_bundle.sh "$(COMPOSER_BUNDLE)"
+
+composer-upload:
+	@test -n "$(COMPOSER_ENV)" -a -n "$(COMPOSER_LOCATION)" || { echo "usage: make composer-upload COMPOSER_ENV=<environment> COMPOSER_LOCATION=<region>" >&2; exit 2; }
+	@bash scripts/composer_bundle.sh "$(COMPOSER_BUNDLE)" "$(COMPOSER_ENV)" "$(COMPOSER_LOCATION)"
 
 clean: stop
 	rm -rf .state data
