@@ -189,3 +189,11 @@ def test_plugin_loading_imports_none_of_our_code(composer_bucket, tmp_path, mode
     assert Path(state["dual_deploy_file"]).resolve() == plugins / "dual_deploy" / "__init__.py"
     assert Path(state["dualml_file"]).resolve() == plugins / "dualml" / "__init__.py"
     assert state["heavy_after_imports"] == []
+
+
+def test_readme_asks_for_a_triggerer():
+    # Deferrable training and the new-data sensor never resume without a triggerer.
+    readme = (ROOT / "README.md").read_text()
+    step3 = readme.split("## Running on GCP", 1)[1].split("\n3. ", 1)[1].split("\n4. ", 1)[0]
+    assert "triggerer is required" in step3
+    assert re.search(r"gcloud composer environments update \S+ --location \S+ --triggerer-count=1", step3)
