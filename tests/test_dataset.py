@@ -387,3 +387,56 @@ def test_gcs_empty_prefix_has_no_classes(gcs_emulator):
     assert listed == {}
     with pytest.raises(DatasetError, match=r"found 0 class folder\(s\) with images \(none\)"):
         dataset.validate(listed)
+
+
+# ---------------------------------------------------------------- what is left out, and why (issue 15.3)
+
+
+def test_listing_names_every_skipped_file_and_nested_folder(tmp_path):
+    _make_folder(tmp_path, {"daisy": 3, "roses": 3})
+    _write(tmp_path / "README.md", b"# flowers")
+    _write(tmp_path / "daisy" / "notes.txt", b"hello")
+    _write(tmp_path / "daisy" / "x.heic", b"heic")
+    for i in range(4):
+        _write(tmp_path / "daisy" / "thumbs" / f"t{i}.jpg", _jpeg())
+    _write(tmp_path / "roses" / "more" / "deeper" / "r.jpg", _jpeg())
+
+    files = [str(p) for p in sorted(tmp_path.rglob("*")) if p.is_file()]
+    classes, skipped = dataset.split_listing(str(tmp_path), files)
+
+    assert {c: len(v) for c, v in classes.items()} == {"daisy": 3, "roses": 3}
+    assert list(skipped) == ["README.md", "daisy/notes.txt", "daisy/thumbs/", "daisy/x.heic", "roses/more/"]
+    assert "not in a class folder" in skipped["README.md"]
+    assert "not a .jpg/.jpeg/.png image" in skipped["daisy/x.heic"]
+    assert skipped["daisy/thumbs/"].startswith("nested folder (4 file(s)) ignored")
+    assert skipped["roses/more/"].startswith("nested folder (1 file(s))")
+    assert dataset.group_by_class(str(tmp_path), files) == classes
+    assert dataset.skipped_entries(str(tmp_path), files) == skipped
+
+
+def test_skipped_summary_is_bounded():
+    skipped = {f"c/{i:03d}.txt": "not an image" for i in range(120)}
+    out = dataset.summarize_skipped(skipped, limit=50)
+    assert len(out) == 51 and out["..."] == "and 70 more"
+    assert dataset.summarize_skipped({"a": "b"}) == {"a": "b"}
+
+
+def _photo(width: int, height: int, seed: int = 0) -> bytes:
+    """A smooth, phone-photo-like JPEG: compresses like a real photo, unlike noise."""
+    rng = random.Random(seed)
+    small = Image.new("RGB", (24, 18))
+    small.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(24 * 18)])
+    buf = io.BytesIO()
+    small.resize((width, height), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_validate_lists_images_a_prediction_request_cannot_carry(tmp_path):
+    files = _make_folder(tmp_path, {"daisy": 3, "roses": 3})
+    big = _write(tmp_path / "roses" / "phone.jpg", _photo(4000, 3000))
+    files["roses"].append(big)
+    good, report = dataset.validate(files)
+    assert big in good["roses"]  # it trains as it is
+    assert list(report.oversized) == [big]
+    assert "4000x3000 px is above the 1024 px" in report.oversized[big]
+    assert any("larger than an online prediction request carries" in w and big in w for w in report.warnings)

@@ -76,8 +76,23 @@ def test_validate_happy_path(gcs, bucket):
     assert out["data_uri"] == root
     assert out["classes"] == {"daisy": 6, "tulips": 7}
     assert out["num_images"] == 13
-    assert out["bad_files"] == {} and out["warnings"] == []
+    assert out["bad_files"] == {} and out["oversized"] == {}
+    # The stray file is not used, and says so (issue 15.3: nothing is left out silently).
+    assert out["skipped"] == {"README.txt": "not in a class folder (expected <class>/<image>)"}
+    assert len(out["warnings"]) == 1 and "README.txt" in out["warnings"][0]
     assert out["duration_s"] >= 0
+
+
+def test_validate_lists_nested_folders_and_non_images_it_leaves_out(gcs, bucket):
+    root = f"gs://{bucket}/flowers"
+    _upload(gcs, root, {"daisy": 6, "tulips": 6})
+    _upload(gcs, f"{root}/tulips/more", {"red": 3})  # tulips/more/red/*.jpg: nested, not a class
+    gcs.write_bytes(f"{root}/daisy/photo.heic", b"heic")
+    out = _validate(root).execute({})
+    assert out["classes"] == {"daisy": 6, "tulips": 6}
+    assert set(out["skipped"]) == {"daisy/photo.heic", "tulips/more/"}
+    assert out["skipped"]["tulips/more/"].startswith("nested folder (3 file(s)) ignored")
+    assert "tulips/more/" in out["warnings"][0]
 
 
 def test_validate_missing_bucket_names_it(gcs):

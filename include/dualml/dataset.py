@@ -37,32 +37,77 @@ def list_image_folder(root: str) -> dict[str, list[str]]:
 
 
 def group_by_class(root: str, files: list[str]) -> dict[str, list[str]]:
-    """Group file URIs listed under ``root`` by class folder; stray and nested files are ignored."""
+    """Group file URIs listed under ``root`` by class folder; stray and nested files are left out
+    (:func:`skipped_entries` says which and why)."""
+    return split_listing(root, files)[0]
+
+
+MAX_LISTED_SKIPS = 50  # entries named in a report; the rest are counted
+
+
+def split_listing(root: str, files: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(images per class, skipped) for files listed under ``root``.
+
+    Only ``<root>/<class>/<image>.jpg|jpeg|png`` is used. ``skipped`` maps what is not, relative
+    to ``root``, to the reason: each nested sub-folder once (``daisy/thumbs/``, with its file
+    count: a class set that silently lost a folder is how a model changes without anyone
+    noticing), and each other file (not an image, not in a class folder).
+    """
     classes: dict[str, list[str]] = {}
+    nested: dict[str, int] = {}
+    skipped: dict[str, str] = {}
     prefix = root.rstrip("/") + "/"
     for f in files:
         rel = f[len(prefix) :] if f.startswith(prefix) else f
         parts = rel.split("/")
-        if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
-            continue  # stray files (README, manifests, nested folders) are not images of a class
-        classes.setdefault(parts[0], []).append(f)
-    return {c: sorted(v) for c, v in sorted(classes.items())}
+        if len(parts) > 2:
+            folder = "/".join(parts[:2]) + "/"
+            nested[folder] = nested.get(folder, 0) + 1
+        elif len(parts) == 1:
+            skipped[rel] = "not in a class folder (expected <class>/<image>)"
+        elif not parts[1].lower().endswith(IMAGE_EXTENSIONS):
+            skipped[rel] = f"not a {'/'.join(IMAGE_EXTENSIONS)} image"
+        else:
+            classes.setdefault(parts[0], []).append(f)
+    for folder, n in nested.items():
+        skipped[folder] = (f"nested folder ({n} file(s)) ignored: only <class>/<image> is used; move its images "
+                           "into the class folder or make it a class of its own")
+    return {c: sorted(v) for c, v in sorted(classes.items())}, dict(sorted(skipped.items()))
+
+
+def skipped_entries(root: str, files: list[str]) -> dict[str, str]:
+    """What :func:`group_by_class` leaves out, and why (see :func:`split_listing`)."""
+    return split_listing(root, files)[1]
+
+
+def summarize_skipped(skipped: dict[str, str], limit: int = MAX_LISTED_SKIPS) -> dict[str, str]:
+    """At most ``limit`` entries, plus one ``"..."`` entry counting the rest (bounded XCom/summary size)."""
+    if len(skipped) <= limit:
+        return dict(skipped)
+    out = dict(list(skipped.items())[:limit])
+    out["..."] = f"and {len(skipped) - limit} more"
+    return out
+
+
+def inspect_image(data: bytes) -> tuple[dict | None, str | None]:
+    """(``{"format", "width", "height", "bytes"}``, None) if ``data`` decodes as JPEG/PNG, else (None, reason)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return None, "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "PNG"):
+                return None, f"unsupported format {im.format} (use JPEG or PNG)"
+            im.load()  # full decode: catches truncated files that verify() misses
+            return {"format": im.format, "width": im.width, "height": im.height, "bytes": len(data)}, None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"not a readable image ({e})"
 
 
 def check_image(data: bytes) -> str | None:
     """Return None if ``data`` decodes as a JPEG/PNG image, else the reason it does not."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        return "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format not in ("JPEG", "PNG"):
-                return f"unsupported format {im.format} (use JPEG or PNG)"
-            im.load()  # full decode: catches truncated files that verify() misses
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"not a readable image ({e})"
-    return None
+    return inspect_image(data)[1]
 
 
 @dataclass
@@ -70,6 +115,8 @@ class ValidationReport:
     classes: dict[str, int]
     bad_files: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Images a prediction request cannot carry as they are (dualml.request_image resizes them).
+    oversized: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:
@@ -89,8 +136,11 @@ def validate(
     Raises DatasetError for: fewer than ``min_classes`` classes, a class with fewer than
     ``min_per_class`` readable images (too few to put one in each split), or more unreadable
     images than ``max_bad_fraction`` tolerates (naming them). Tolerated bad files are dropped
-    with a warning.
+    with a warning. Images larger than one online prediction request carries are listed in
+    ``report.oversized`` (they train fine; clients and smoke tests must send them resized).
     """
+    from dualml.request_image import serving_issue
+
     if not 0 <= max_bad_fraction < 1:
         raise DatasetError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
     if len(files_by_class) < min_classes:
@@ -100,17 +150,21 @@ def validate(
             f"{min_classes}. Expected layout: <root>/<class_name>/<image>.jpg"
         )
     bad: dict[str, str] = {}
+    oversized: dict[str, str] = {}
     good: dict[str, list[str]] = {}
     for cls, files in files_by_class.items():
         good[cls] = []
         for f in files:
-            reason = check_image(read(f))
+            info, reason = inspect_image(read(f))
             if reason:
                 bad[f] = reason
-            else:
-                good[cls].append(f)
+                continue
+            good[cls].append(f)
+            issue = serving_issue(info["width"], info["height"], info["bytes"], info["format"])
+            if issue:
+                oversized[f] = issue
     total = sum(len(v) for v in files_by_class.values())
-    report = ValidationReport(classes={c: len(v) for c, v in good.items()}, bad_files=bad)
+    report = ValidationReport(classes={c: len(v) for c, v in good.items()}, bad_files=bad, oversized=oversized)
     if bad:
         listing = "; ".join(f"{f}: {r}" for f, r in list(bad.items())[:10])
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
@@ -120,6 +174,13 @@ def validate(
                 f"{max_bad_fraction:.0%}: {listing}{more}. Remove or re-export them, or raise max_bad_fraction."
             )
         report.warnings.append(f"skipping {len(bad)} unreadable image(s): {listing}{more}")
+    if oversized:
+        first = "; ".join(f"{f}: {r}" for f, r in list(oversized.items())[:3])
+        more = f" (and {len(oversized) - 3} more)" if len(oversized) > 3 else ""
+        report.warnings.append(
+            f"{len(oversized)} image(s) are larger than an online prediction request carries: {first}{more}. "
+            "They train as they are; endpoint clients must send them resized (dualml.request_image.prepare_image)."
+        )
     small = {c: n for c, n in report.classes.items() if n < min_per_class}
     if small:
         desc = ", ".join(f"{c} ({n})" for c, n in small.items())

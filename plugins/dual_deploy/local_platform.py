@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,26 +76,105 @@ def ensure_bucket(name: str) -> None:
             pass
 
 
+def local_md5_b64(path: str | os.PathLike) -> str:
+    """Base64 MD5 of a local file: the form GCS reports as an object's ``md5Hash``."""
+    h = hashlib.md5()  # noqa: S324 - GCS's content hash, not security
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return base64.b64encode(h.digest()).decode("ascii")
+
+
+def dataset_files(src: Path) -> dict[str, Path]:
+    """Relative path -> file for everything under ``src``, following symlinked folders and files
+    (a class folder is often a link to images kept elsewhere). A broken link or a folder reached
+    twice (a link loop, or two links to one folder) is refused, by name: either would change the
+    class set or the images without anyone noticing."""
+    files: dict[str, Path] = {}
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        here = Path(dirpath)
+        real = os.path.realpath(here)
+        rel_dir = here.relative_to(src).as_posix()
+        if real in seen:
+            problems.append(f"folder {rel_dir}/ is the same folder as {seen[real]}/ (a symlink loop or a duplicate link)")
+            dirnames[:] = []
+            continue
+        seen[real] = rel_dir
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = here / name
+            if not path.exists():
+                problems.append(f"{path.relative_to(src).as_posix()} is a broken symlink (-> {os.readlink(path)})")
+                continue
+            files[path.relative_to(src).as_posix()] = path
+    if problems:
+        raise SystemExit(f"DATA={src}: cannot upload it as it is: " + "; ".join(problems)
+                         + ". Fix or remove these links.")
+    return files
+
+
 def upload_dataset(local_dir: str, dest_uri: str) -> int:
-    """Mirror a tf_flowers-layout folder to ``dest_uri`` (objects not in the folder are removed)."""
+    """Mirror a tf_flowers-layout folder to ``dest_uri`` (objects not in the folder are removed).
+
+    A file is sent when its content differs (local MD5 vs the object's MD5, which the listing
+    gives for free), not only when its size does: an edited image of the same size is uploaded.
+    Symlinked class folders are followed. Returns the number of files in the folder.
+    """
     from dualml import storage
 
     src = Path(local_dir)
     if not src.is_dir():
         raise SystemExit(f"DATA={local_dir} is not a folder (expected <folder>/<class>/*.jpg)")
     bucket, prefix = storage.split_gcs(dest_uri)
+    prefix = prefix.strip("/")
+    if not prefix:
+        raise SystemExit(f"{dest_uri}: upload the dataset to a folder (gs://bucket/datasets/<name>), not a bucket's "
+                         "root: the upload mirrors the folder and would delete everything else in the bucket")
+    base = f"{prefix}/"
     ensure_bucket(bucket)
     client_bucket = storage._client().bucket(bucket)
-    wanted = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file()}
-    existing = {b.name[len(prefix) + 1 :]: b for b in client_bucket.list_blobs(prefix=prefix + "/")}
+    wanted = dataset_files(src)
+    existing = {b.name[len(base) :]: b for b in storage._client().list_blobs(bucket, prefix=base)}
+    removed = sent = 0
     for rel, blob in existing.items():
         if rel not in wanted:
             blob.delete()
+            removed += 1
     for rel, path in wanted.items():
         blob = existing.get(rel)
-        if blob is None or blob.size != path.stat().st_size:
-            client_bucket.blob(f"{prefix}/{rel}").upload_from_filename(str(path))
+        if blob is None or blob.md5_hash != local_md5_b64(path):
+            client_bucket.blob(f"{base}{rel}").upload_from_filename(str(path))
+            sent += 1
+    print(f"uploaded {sent}, unchanged {len(wanted) - sent}, removed {removed}")
     return len(wanted)
+
+
+def curl_example(prediction_url: str, image_path: str) -> str:
+    """The shell command that asks the endpoint about ``image_path``, safe to paste whatever the path holds
+    (the path is quoted for the shell, inside the command substitution that base64-encodes it)."""
+    return (
+        f'curl -s -X POST {shlex.quote(prediction_url)} -H "Content-Type: application/json" \\\n'
+        f'    -d "{{\\"instances\\": [{{\\"b64\\": \\"$(base64 -w0 {shlex.quote(image_path)})\\"}}]}}"'
+    )
+
+
+def request_ready_image(image_path: str, out_dir: str) -> str:
+    """``image_path`` itself when a prediction request can carry it, else a resized copy in ``out_dir``
+    (the same rule the smoke tests use: dualml.request_image)."""
+    from dualml.request_image import prepare_image
+
+    data = Path(image_path).read_bytes()
+    try:
+        prepared = prepare_image(data)
+    except ValueError:
+        return image_path  # not an image: the endpoint will say so
+    if prepared is data:
+        return image_path
+    out = Path(out_dir) / "example_request_image.jpg"
+    out.write_bytes(prepared)
+    return str(out)
 
 
 def show_summary(path: str, endpoint_example_image: str | None = None) -> None:
@@ -104,11 +186,9 @@ def show_summary(path: str, endpoint_example_image: str | None = None) -> None:
     for t in summary["targets"].values():
         url = (t.get("endpoint") or {}).get("prediction_url")
         if url and endpoint_example_image:
+            image = request_ready_image(endpoint_example_image, str(Path(path).resolve().parent))
             print("\nThe endpoint is up. Try it (Vertex AI request format):")
-            print(
-                f'  curl -s -X POST {url} -H "Content-Type: application/json" \\\n'
-                f'    -d "{{\\"instances\\": [{{\\"b64\\": \\"$(base64 -w0 {endpoint_example_image})\\"}}]}}"'
-            )
+            print("  " + curl_example(url, image))
             print("Stop it (and the GCS emulator) with: make stop")
 
 

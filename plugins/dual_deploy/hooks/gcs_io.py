@@ -8,7 +8,6 @@ so every byte the DAG moves takes the same code path on both.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from airflow.providers.google.cloud.hooks.gcs import GCSHook, _parse_gcs_url
@@ -51,10 +50,16 @@ class GcsIO:
         blob = self.hook.get_conn().bucket(bucket).get_blob(name)
         if blob is None:
             return None, 0
-        return json.loads(blob.download_as_bytes()), blob.generation
+        # Take the generation before downloading: the download resets it from the response headers
+        # (None from the emulator, which sends none). Content newer than it fails the download (412)
+        # on GCS, or the conditional write (the caller re-reads either way).
+        generation = int(blob.generation)
+        return json.loads(blob.download_as_bytes(if_generation_match=generation)), generation
 
     def write_json_if_generation(self, uri: str, obj, generation: int) -> None:
         """Write only if the object is still at ``generation`` (0: only if absent); raises on a race."""
+        if generation is None:  # would make the write unconditional
+            raise ValueError(f"write_json_if_generation({uri}) needs a generation (0: only if absent)")
         bucket, name = self.parse(uri)
         blob = self.hook.get_conn().bucket(bucket).blob(name)
         blob.upload_from_string(json.dumps(obj, indent=1, sort_keys=True), content_type="application/json",
@@ -86,9 +91,27 @@ class GcsIO:
         return local_path
 
     def download_dir(self, uri: str, local_dir: str) -> list[str]:
+        """Copy every object under ``uri`` into ``local_dir``. Object names that would land outside
+        it (``../``, absolute parts: valid on GCS) fail the whole copy before anything is written."""
+        from dualml.storage import safe_local_target
+
         files = self.list_files(uri)
         base = uri.rstrip("/") + "/"
-        return [self.download(f, os.path.join(local_dir, f[len(base) :])) for f in files]
+        targets = [(f, safe_local_target(local_dir, f[len(base) :], f)) for f in files]
+        return [self.download(f, str(target)) for f, target in targets]
+
+    def list_objects(self, uri: str) -> list[dict]:
+        """Every object under ``uri``: ``{"uri", "size", "updated" (epoch s), "md5"}``, sorted by URI."""
+        bucket, prefix = self.parse(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        blobs = self.hook.get_conn().list_blobs(bucket, prefix=prefix)
+        return sorted(({"uri": f"gs://{bucket}/{b.name}", "size": int(b.size or 0),
+                        "updated": b.updated.timestamp() if b.updated else None, "md5": b.md5_hash}
+                       for b in blobs if not b.name.endswith("/")), key=lambda o: o["uri"])
+
+    def delete(self, uri: str) -> None:
+        bucket, name = self.parse(uri)
+        self.hook.delete(bucket, name)
 
     def upload_file(self, local_path: str, uri: str, mime_type: str = "application/octet-stream") -> str:
         bucket, name = self.parse(uri)

@@ -24,19 +24,34 @@ def dataset_fingerprint(io: GcsIO, data_uri: str) -> str:
     return dataset.content_fingerprint(entries)
 
 
-def _locate(io: GcsIO, data_uri: str) -> dict[str, list[str]]:
+def _list(io: GcsIO, data_uri: str) -> list[str]:
+    """Objects under ``data_uri``, listed directly: no bucket metadata GET (storage.buckets.get),
+    which the object roles a least-privilege service account holds do not grant."""
+    from google.api_core.exceptions import Forbidden, NotFound
+
     bucket, _ = io.parse(data_uri)
-    if not io.bucket_exists(bucket):
+    try:
+        return io.list_files(data_uri)
+    except NotFound:
         raise AirflowFailException(
             f"bucket gs://{bucket} does not exist (data_uri={data_uri}); create it or set the data_uri param "
             "/ data.uri in dags/config/dual_deploy.yaml"
-        )
-    files = io.list_files(data_uri)
+        ) from None
+    except Forbidden as e:
+        raise AirflowFailException(
+            f"permission denied listing {data_uri} ({e.message}): grant the environment's service account "
+            f"roles/storage.objectViewer (or roles/storage.objectAdmin) on gs://{bucket}"
+        ) from None
+
+
+def _locate(io: GcsIO, data_uri: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(images per class, skipped entries with the reason) under ``data_uri``."""
+    files = _list(io, data_uri)
     if not files:
         raise AirflowFailException(
             f"no files under {data_uri}; upload images as {data_uri}/<class>/<image>.jpg or fix data_uri"
         )
-    return dataset.group_by_class(data_uri, files)
+    return dataset.split_listing(data_uri, files)
 
 
 class ValidateDatasetOperator(DictOutputOperator):
@@ -45,8 +60,14 @@ class ValidateDatasetOperator(DictOutputOperator):
     Every image is downloaded and decoded (in parallel): corrupt files are named. Up to
     ``max_bad_fraction`` of them are skipped with a warning; more fails the run.
 
+    Nothing is left out silently: files and nested folders outside the ``<class>/<image>`` layout are
+    listed in ``skipped`` (relative path -> reason), and images larger than one online prediction
+    request carries (they train, but clients must send them resized with
+    ``dualml.request_image.prepare_image``) in ``oversized``; both also become warnings.
+
     XCom: ``{"data_uri", "fingerprint", "classes": {name: count}, "num_images", "bad_files": {uri: reason},
-    "warnings": [...], "duration_s"}``.
+    "skipped": {relative path: reason}, "oversized": {uri: reason}, "warnings": [...], "duration_s"}``
+    (``skipped``/``oversized`` name at most 50 entries, then ``"...": "and N more"``).
     """
 
     template_fields: Sequence[str] = ("data_uri",)
@@ -65,7 +86,7 @@ class ValidateDatasetOperator(DictOutputOperator):
         t0 = time.monotonic()
         io = GcsIO(self.gcp_conn_id)
         data_uri = self.data_uri.rstrip("/")
-        by_class = _locate(io, data_uri)
+        by_class, skipped = _locate(io, data_uri)
         all_files = [f for fs in by_class.values() for f in fs]
         with ThreadPoolExecutor(max_workers=16) as pool:
             contents = dict(zip(all_files, pool.map(io.read_bytes, all_files), strict=True))
@@ -79,7 +100,12 @@ class ValidateDatasetOperator(DictOutputOperator):
             )
         except dataset.DatasetError as e:
             raise AirflowFailException(f"dataset {data_uri} is not usable: {e}") from None
-        for w in report.warnings:
+        warnings = list(report.warnings)
+        if skipped:
+            shown = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
+            more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+            warnings.insert(0, f"left out {len(skipped)} file(s)/folder(s) that are not <class>/<image>: {shown}{more}")
+        for w in warnings:
             self.log.warning("%s", w)
         fingerprint = dataset_fingerprint(io, data_uri)
         self.log.info("dataset %s: %d images in %d classes %s, fingerprint %s", data_uri, report.num_images,
@@ -90,7 +116,9 @@ class ValidateDatasetOperator(DictOutputOperator):
             "classes": report.classes,
             "num_images": report.num_images,
             "bad_files": report.bad_files,
-            "warnings": report.warnings,
+            "skipped": dataset.summarize_skipped(skipped),
+            "oversized": dataset.summarize_skipped(report.oversized),
+            "warnings": warnings,
             "duration_s": round(time.monotonic() - t0, 2),
         }
 
@@ -120,7 +148,7 @@ class StageSplitOperator(DictOutputOperator):
         io = GcsIO(self.gcp_conn_id)
         data_uri = self.data_uri.rstrip("/")
         bad = set(self.exclude or ())
-        by_class = {c: [f for f in fs if f not in bad] for c, fs in _locate(io, data_uri).items()}
+        by_class = {c: [f for f in fs if f not in bad] for c, fs in _locate(io, data_uri)[0].items()}
         try:
             manifest = dataset.stratified_split(
                 by_class, val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=int(self.seed),
