@@ -1,9 +1,11 @@
-"""The serving app (dualml.serving) as a real subprocess, over real HTTP.
+"""The serving app (dualml.serving) as a real subprocess, over real HTTP, with a real model.
 
 One tiny model is exported per module and served by ``python -m dualml.serving`` configured
 only through Vertex AI's AIP_* variables; predictions are compared with the SavedModel's
 signature called in-process. A second server loads the same model from gs:// (the
-gcp-storage-emulator). Bad requests must get a 4xx JSON error and never hurt the server.
+gcp-storage-emulator) and is then stopped with SIGTERM while a request is in flight. Bad and
+hostile requests must get a prompt 4xx JSON error and never hurt the server. The HTTP layer's
+finer behaviour (batching, back-pressure, readiness) with a fake model: test_serving_app.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,13 +135,20 @@ class ServerProcess:
         self.log_path = log_path
         self.predict_url = url + predict_route
         self.health_url = url + health_route
+        self.host, self.port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+        self.predict_path = predict_route
+        self.first_health: tuple[int, dict] | None = None  # the first answer of the health route
+        self.predict_while_loading: tuple[int, dict, str | None] | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def json_log(self) -> list[dict]:
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
 
 @contextmanager
-def run_server(model_uri: str, log_path: Path, extra_env: dict | None = None, timeout: float = 150):
+def run_server(model_uri: str, log_path: Path, extra_env: dict | None = None, timeout: float = 300):
     port = _free_port()
     predict_route, health_route = "/v1/endpoints/e1/deployedModels/m1:predict", "/v1/endpoints/e1/health"
     env = {
@@ -164,19 +174,25 @@ def run_server(model_uri: str, log_path: Path, extra_env: dict | None = None, ti
                     f"server exited with {proc.returncode} before it was healthy:\n{server.log()[-4000:]}"
                 )
             try:
-                if _request(server.health_url, timeout=2)[0] == 200:
-                    break
+                status, body, _ = _request(server.health_url, timeout=10)
             except OSError:
-                pass
+                status = None
+            if status is not None and server.first_health is None:
+                server.first_health = (status, body)
+                if status == 503:
+                    st, b, headers = _request(server.predict_url, "POST", {"instances": [{"b64": _b64(PNG)}]})
+                    server.predict_while_loading = (st, b, headers.get("Retry-After"))
+            if status == 200:
+                break
             if time.monotonic() > deadline:
                 pytest.fail(f"server not healthy after {timeout} s:\n{server.log()[-4000:]}")
-            time.sleep(0.25)
+            time.sleep(0.05)
         yield server
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -200,13 +216,22 @@ def test_health(server):
     assert body["model"] == {"labels": LABELS, "version": VERSION}
 
 
+def test_port_answers_503_while_the_model_loads(server):
+    """Vertex routes traffic only after the health route answers 200: before that, 503."""
+    status, body = server.first_health
+    assert status == 503 and body["status"] == "loading"
+    status, body, retry_after = server.predict_while_loading
+    assert status == 503 and "loading" in body["error"] and retry_after
+
+
 def test_predict_matches_the_signature_in_process(server, model_dir, reference):
-    status, body, _ = _request(
+    status, body, headers = _request(
         server.predict_url, "POST", {"instances": [{"b64": _b64(PNG)}, {"b64": _b64(JPEG)}]}
     )
     assert status == 200, body
+    assert set(body) == {"predictions"}  # Vertex passes only this through (and adds its own "model")
+    assert headers["X-Model-Version"] == VERSION
     labels = Path(model_dir, "labels.txt").read_text().split()
-    assert body["model"] == {"labels": labels, "version": VERSION}
     preds = body["predictions"]
     assert len(preds) == 2
     expected = reference(PNG, JPEG)
@@ -243,15 +268,59 @@ def test_predict_accepts_line_wrapped_base64(server, reference):
     assert np.allclose(got, reference(JPEG)[0], atol=1e-5)
 
 
-def test_concurrent_requests(server, reference):
-    payload = {"instances": [{"b64": _b64(PNG)}, {"b64": _b64(JPEG)}]}
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: _request(server.predict_url, "POST", payload), range(8)))
-    expected = reference(PNG, JPEG)
-    for status, body, _ in results:
+IMAGES = {"png": PNG, "jpeg": JPEG, "tiny": TINY_PNG}
+MIXES = [("png",), ("jpeg", "png"), ("tiny", "jpeg", "png"), ("jpeg",), ("png", "tiny"), ("tiny",)]
+
+
+def _probabilities(body: dict) -> np.ndarray:
+    return np.array([[p["probabilities"][name] for name in LABELS] for p in body["predictions"]])
+
+
+def test_concurrent_requests_get_the_predictions_of_one_by_one_calls(server, reference):
+    """Batched server-side or not, each request gets exactly its own images' predictions."""
+    payloads = [{"instances": [{"b64": _b64(IMAGES[k])} for k in mix]} for mix in MIXES * 4]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: _request(server.predict_url, "POST", p), payloads))
+    for mix, (status, body, _) in zip(MIXES * 4, results, strict=True):
         assert status == 200, body
-        got = np.array([[p["probabilities"][name] for name in LABELS] for p in body["predictions"]])
-        assert np.allclose(got, expected, atol=1e-5)
+        assert np.allclose(_probabilities(body), reference(*[IMAGES[k] for k in mix]), atol=1e-5)
+
+
+def test_merged_model_calls_give_the_same_predictions_as_one_by_one(model_dir, reference):
+    """The real model behind the real HTTP layer, one call held so that the others queue and are
+    merged into one batch: every response equals the signature called on that request alone."""
+    from test_serving_app import serve, wait_for
+
+    from dualml.serving.app import ServingOptions
+    from dualml.serving.model import Predictor
+
+    class HeldPredictor(Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.gate, self.entered, self.sizes = threading.Event(), threading.Event(), []
+
+        def predict(self, images):
+            self.sizes.append(len(images))
+            self.entered.set()
+            self.gate.wait(120)
+            return super().predict(images)
+
+    predictor = HeldPredictor(model_dir)
+    with serve(lambda: predictor, ServingOptions(warm_up=False, max_batch_size=64)) as (url, state):
+        wait_for(lambda: state.status == "ready", "the model")
+        with ThreadPoolExecutor(len(MIXES) + 1) as pool:
+            first = pool.submit(_request, url + "/predict", "POST", {"instances": [{"b64": _b64(JPEG)}]})
+            wait_for(predictor.entered.is_set, "the first model call")
+            futures = [pool.submit(_request, url + "/predict", "POST",
+                                   {"instances": [{"b64": _b64(IMAGES[k])} for k in mix]}) for mix in MIXES]
+            wait_for(lambda: state.batcher.queued_requests == len(MIXES), "the requests to queue")
+            predictor.gate.set()
+            assert first.result()[0] == 200
+            results = [f.result() for f in futures]
+    assert predictor.sizes == [1, sum(map(len, MIXES))]  # everything queued went in one call
+    for mix, (status, body, _) in zip(MIXES, results, strict=True):
+        assert status == 200, body
+        assert np.allclose(_probabilities(body), reference(*[IMAGES[k] for k in mix]), atol=1e-5)
 
 
 # --- bad requests -----------------------------------------------------------------------------
@@ -284,6 +353,11 @@ BAD_REQUESTS = [
     ("truncated_png", "POST", _PREDICT, {"instances": [{"b64": _b64(PNG[: len(PNG) // 2])}]}, 400, "image"),
     ("image_too_many_pixels", "POST", _PREDICT, {"instances": [{"b64": _b64(HUGE_PNG)}]}, 400, "pixels"),
     ("body_too_large", "POST", _PREDICT, {"instances": [{"b64": "A" * 1_700_000}]}, 413, "too large"),
+    ("body_empty", "POST", _PREDICT, b"", 400, "empty"),
+    ("json_nested_100k_deep", "POST", _PREDICT, b"[" * 100_000 + b"]" * 100_000, 400, "nested"),
+    ("json_nested_in_instances", "POST", _PREDICT, b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     400, "nested"),
+    ("json_5000_digit_integer", "POST", _PREDICT, b'{"instances": [' + b"9" * 5000 + b"]}", 400, "digits"),
     ("get_on_predict", "GET", _PREDICT, None, 405, "post"),
     ("delete_on_predict", "DELETE", _PREDICT, None, 405, "post"),
     ("post_on_health", "POST", _HEALTH, {"instances": [GOOD]}, 405, "get"),
@@ -332,20 +406,40 @@ def test_keep_alive_connection_survives_errors(server):
         conn.close()
 
 
-def test_chunked_body_is_refused_with_411(server):
-    # One write of the whole chunked request: the server answers 411 as soon as it has read the
-    # headers and closes, so a client still streaming chunks would race it (BrokenPipe).
-    host, port = server.url.removeprefix("http://").split(":")
-    path = server.predict_url.removeprefix(server.url)
-    chunk = b'{"instances": []}'
-    raw = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-           f"Transfer-Encoding: chunked\r\n\r\n{len(chunk):x}\r\n").encode() + chunk + b"\r\n0\r\n\r\n"
-    with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(raw)
+def _raw(server, data: bytes, timeout: float = 30) -> tuple[int, dict, dict]:
+    """Send raw bytes; the answer must come within ``timeout`` (the old server held some for 35 s)."""
+    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+        sock.sendall(data)
         resp = http.client.HTTPResponse(sock)
         resp.begin()
-        assert resp.status == 411
-        assert "content-length" in json.loads(resp.read())["error"].lower()
+        return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.getheaders()}
+
+
+def test_chunked_body_is_accepted(server, reference):
+    payload = json.dumps({"instances": [{"b64": _b64(JPEG)}]}).encode()
+    cut = len(payload) // 3
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (payload[:cut], payload[cut:])) + b"0\r\n\r\n"
+    status, body, _ = _raw(server, (
+        f"POST {server.predict_path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n").encode() + chunked)
+    assert status == 200, body
+    assert np.allclose(_probabilities(body), reference(JPEG), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "word"),
+    [
+        pytest.param("", 411, "content-length", id="no_content_length"),
+        pytest.param("Content-Length: -1\r\n", 400, "content-length", id="negative_content_length"),
+        pytest.param("Content-Length: 5000000\r\n", 413, "too large", id="declared_over_the_limit_unsent"),
+    ],
+)
+def test_requests_without_a_usable_length_are_answered_at_once(server, headers, status, word):
+    got, body, resp_headers = _raw(server, (
+        f"POST {server.predict_path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").encode())
+    assert got == status, body
+    assert resp_headers["content-type"] == "application/json"
+    assert word in body["error"].lower()
     assert _request(server.health_url)[0] == 200
 
 
@@ -356,44 +450,130 @@ def test_head_on_health(server):
         assert resp.read() == b""
 
 
-def test_server_logs_one_line_per_request(server):
+def test_server_logs_one_structured_line_per_request(server):
+    marker = f"/nowhere-{time.monotonic_ns()}"
     _request(server.predict_url, "POST", {"instances": [{"b64": _b64(PNG)}, {"b64": _b64(JPEG)}]})
-    _request(server.url + "/nowhere")
-    path = server.predict_url.removeprefix(server.url)
-    wanted = [f"POST {path} 200 instances=2 ms=", "GET /nowhere 404 instances=- ms="]
-    deadline = time.monotonic() + 10  # the line is written just after the response is sent
-    while not all(w in server.log() for w in wanted) and time.monotonic() < deadline:
+    _request(server.url + marker)
+
+    def request_lines():
+        return [e for e in server.json_log() if "httpRequest" in e]
+
+    deadline = time.monotonic() + 30  # the line is written just after the response is sent
+    while not any(e["httpRequest"]["requestUrl"] == marker for e in request_lines()):
+        assert time.monotonic() < deadline, server.log()[-3000:]
         time.sleep(0.1)
+    lines = request_lines()
+    predict = [e for e in lines if e["httpRequest"]["requestUrl"] == server.predict_path
+               and e["httpRequest"]["status"] == 200 and e.get("instances") == 2]
+    assert predict, lines
+    entry = predict[-1]
+    assert entry["severity"] == "INFO" and entry["message"].startswith(f"POST {server.predict_path} 200 ")
+    assert entry["httpRequest"]["requestMethod"] == "POST" and entry["httpRequest"]["latency"].endswith("s")
+    assert entry["batch_size"] >= 2 and entry["latency_ms"] > 0
+    missing = [e for e in lines if e["httpRequest"]["requestUrl"] == marker]
+    assert len(missing) == 1 and missing[0]["httpRequest"]["status"] == 404
+    assert missing[0]["severity"] == "WARNING"
     log = server.log()
-    for w in wanted:
-        assert w in log
+    assert _b64(PNG)[:40] not in log and _b64(JPEG)[:40] not in log  # never image bytes
     assert "Traceback" not in log
+    assert any(e["message"].startswith("model ready after") for e in server.json_log())
 
 
 # --- loading from gs:// -----------------------------------------------------------------------
 
 
-def test_serves_model_from_gcs(gcs_emulator, model_dir, reference, tmp_path):
+TRAINER_EXTRAS = {  # what the trainer writes beside the SavedModel, which serving never reads
+    "model.keras": b"k" * 200_000,
+    "metrics.json": b"{}",
+    "history.json": b"{}",
+    "split.json": b"{}",
+}
+
+
+@pytest.fixture(scope="module")
+def gcs_model_uri(gcs_emulator, model_dir) -> str:
+    """The model as the trainer leaves it in a bucket (serving files + trainer extras)."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage as gcs
 
     from dualml import storage
 
-    gcs.Client(project="local-project", credentials=AnonymousCredentials()).create_bucket("serving-models")
-    uri = "gs://serving-models/flowers/cloud/v7"
-    written = storage.upload_dir(model_dir, uri)
-    assert f"{uri}/saved_model.pb" in written
+    bucket = f"serving-{uuid.uuid4().hex[:8]}"
+    gcs.Client(project="local-project", credentials=AnonymousCredentials()).create_bucket(bucket)
+    uri = f"gs://{bucket}/flowers/cloud/model"
+    assert f"{uri}/saved_model.pb" in storage.upload_dir(model_dir, uri)
+    for name, data in TRAINER_EXTRAS.items():
+        storage.write_bytes(f"{uri}/{name}", data)
+    return uri
 
-    with run_server(uri, tmp_path / "server.log", {"STORAGE_EMULATOR_HOST": gcs_emulator}) as srv:
-        status, body, _ = _request(srv.predict_url, "POST", {"instances": [{"b64": _b64(JPEG)}]})
-        assert status == 200, body
-        assert body["model"] == {"labels": LABELS, "version": VERSION}
-        got = [body["predictions"][0]["probabilities"][name] for name in LABELS]
-        assert np.allclose(got, reference(JPEG)[0], atol=1e-5)
-        assert f"loaded model from {uri}" in srv.log()
-        srv.proc.send_signal(signal.SIGTERM)  # Vertex / docker stop: clean exit
-        assert srv.proc.wait(timeout=15) == 0
-    assert "shutting down" in srv.log()
+
+def test_only_the_serving_files_are_downloaded(gcs_model_uri, model_dir, tmp_path):
+    from dualml.serving.model import fetch_model_dir
+
+    local, to_delete = fetch_model_dir(gcs_model_uri, download_to=str(tmp_path / "dl"))
+    assert (local, to_delete) == (str(tmp_path / "dl"), None)
+    got = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+    want = sorted(p.relative_to(model_dir).as_posix() for p in Path(model_dir).rglob("*") if p.is_file())
+    assert got == want  # saved_model.pb, variables/*, fingerprint.pb, labels.txt, model_version.txt
+    assert not set(TRAINER_EXTRAS) & set(got)
+
+
+@pytest.fixture(scope="module")
+def gcs_server(gcs_model_uri, gcs_emulator, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("serving_gcs") / "server.log"
+    env = {"STORAGE_EMULATOR_HOST": gcs_emulator, "SERVING_DRAIN_TIMEOUT_S": "300"}
+    with run_server(gcs_model_uri, log_path, env) as srv:
+        yield srv
+
+
+def test_serves_model_from_gcs(gcs_server, gcs_model_uri, reference):
+    status, body, headers = _request(gcs_server.predict_url, "POST", {"instances": [{"b64": _b64(JPEG)}]})
+    assert status == 200, body
+    assert headers["X-Model-Version"] == VERSION
+    assert np.allclose(_probabilities(body), reference(JPEG), atol=1e-5)
+    log = gcs_server.log()
+    assert f"loaded model from {gcs_model_uri}" in log
+    assert f"skipped {len(TRAINER_EXTRAS)} others" in log
+
+
+def test_sigterm_drains_in_flight_requests(gcs_server, reference):
+    """Vertex undeploy / docker stop: no new connections, idle ones closed, the request in flight
+    (its body half sent when the signal arrives) still gets its predictions, then exit 0."""
+    srv = gcs_server
+    idle = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+    idle.request("GET", srv.health_url.removeprefix(srv.url))
+    assert idle.getresponse().read() and idle.sock is not None  # kept alive, now idle
+
+    payload = json.dumps({"instances": [{"b64": _b64(JPEG)}, {"b64": _b64(PNG)}]}).encode()
+    half = len(payload) // 2
+    busy = socket.create_connection((srv.host, srv.port), timeout=60)
+    busy.sendall((f"POST {srv.predict_path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload[:half])
+    deadline = time.monotonic() + 60
+    while _request(srv.health_url)[1]["in_flight"] != 1:  # the server is reading its body
+        assert time.monotonic() < deadline, "the half-sent request never became in flight"
+        time.sleep(0.05)
+
+    srv.proc.send_signal(signal.SIGTERM)
+    while True:  # the listener closes: new connections are refused
+        try:
+            socket.create_connection((srv.host, srv.port), timeout=5).close()
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline + 60, "still accepting connections after SIGTERM"
+        time.sleep(0.05)
+    assert idle.sock.recv(1) == b""  # the idle keep-alive connection was closed
+
+    busy.sendall(payload[half:])
+    resp = http.client.HTTPResponse(busy)
+    resp.begin()
+    body = json.loads(resp.read())
+    busy.close()
+    assert resp.status == 200, body
+    assert resp.getheader("Connection") == "close"
+    assert np.allclose(_probabilities(body), reference(JPEG, PNG), atol=1e-5)
+    assert srv.proc.wait(timeout=120) == 0
+    assert any(e["message"] == "stopped" for e in srv.json_log())
 
 
 # --- start-up failures, import hygiene (fast: no TensorFlow needed) -----------------------------
@@ -429,11 +609,35 @@ def test_cli_with_a_directory_that_is_not_a_model_fails_clearly(tmp_path):
     result = _run_cli("--model-dir", str(tmp_path), "--port", str(_free_port()))
     assert result.returncode == 1
     assert "saved_model.pb" in result.stderr and "README.txt" in result.stderr
+    error = [json.loads(line) for line in result.stderr.splitlines() if '"ERROR"' in line]
+    assert error and error[0]["severity"] == "ERROR"
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "status", "words"),
+    [
+        ({"SERVING_MAX_BATCH_SIZE": "0"}, (), 2, ("max_batch_size", ">= 1")),
+        ({"SERVING_BATCH_TIMEOUT_MS": "soon"}, (), 1, ("SERVING_BATCH_TIMEOUT_MS", "float")),
+        ({}, ("--predict-route", "/health"), 2, ("both",)),
+        ({}, ("--port", "BUSY"), 1, ("cannot listen",)),
+    ],
+    ids=["batch_size_0", "timeout_not_a_number", "same_routes", "port_in_use"],
+)
+def test_cli_configuration_errors_are_explained(tmp_path, env, args, status, words):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = tuple(str(busy.getsockname()[1]) if a == "BUSY" else a for a in args)
+        result = _run_cli("--model-dir", str(tmp_path), "--host", "127.0.0.1", *args, env=env)
+    assert result.returncode == status, result.stderr
+    for word in words:
+        assert word in result.stderr
 
 
 def test_importing_the_serving_app_pulls_neither_airflow_nor_tensorflow():
     code = (
-        "import sys, dualml.serving.app, dualml.serving.protocol, dualml.serving.model; "
+        "import sys, dualml.serving.server, dualml.serving.app, dualml.serving.protocol, "
+        "dualml.serving.model, dualml.serving.batching, dualml.serving.logs; "
         "bad = [m for m in ('airflow', 'tensorflow', 'keras') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -454,46 +658,6 @@ def test_signature_names_match_the_exporter():
     assert (model.SIGNATURE_NAME, model.INPUT_NAME) == (export.SIGNATURE_NAME, export.INPUT_NAME)
 
 
-# --- the HTTP layer in-process with a fake model: internal errors -----------------------------
-
-
-class _FakePredictor:
-    labels = ["a", "b"]
-    version = None
-
-    def __init__(self, fail_in: str):
-        self.fail_in = fail_in
-
-    def check_image(self, data: bytes):
-        if self.fail_in == "check":
-            raise RuntimeError("decoder exploded")
-        return None
-
-    def predict(self, images):
-        if self.fail_in == "predict":
-            raise RuntimeError("model exploded")
-        return [{"label": "a", "confidence": 1.0, "class_index": 0, "probabilities": {"a": 1.0, "b": 0.0}}]
-
-
-@pytest.mark.parametrize("fail_in", ["check", "predict"])
-def test_internal_error_is_a_500_and_the_server_keeps_serving(fail_in):
-    from dualml.serving.app import PredictionServer
-
-    srv = PredictionServer(("127.0.0.1", 0), _FakePredictor(fail_in))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    try:
-        status, body, _ = _request(url + "/predict", "POST", {"instances": [{"b64": _b64(TINY_PNG)}]})
-        assert status == 500
-        assert "exploded" in body["error"]
-        assert _request(url + "/health")[0] == 200
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
-
-
 # --- request parsing (pure Python) ------------------------------------------------------------
 
 
@@ -509,3 +673,34 @@ def test_parse_predict_body_formats():
     with pytest.raises(RequestError) as e:
         parse_predict_body(body, max_instances=2)
     assert e.value.status == 413 and "limit is 2" in e.value.message
+
+
+def test_parse_predict_body_refuses_hostile_json_as_client_errors():
+    from dualml.serving.protocol import RequestError, parse_predict_body
+
+    for body, word in [
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (b'{"instances": [{"b64": ' + b"1" * 5000 + b"}]}", "digits"),
+        (b"", "empty"),
+    ]:
+        with pytest.raises(RequestError) as e:
+            parse_predict_body(body, max_instances=4)
+        assert e.value.status == 400 and word in e.value.message
+
+
+def test_serving_files_are_chosen_from_a_listing():
+    from dualml.serving.model import ModelLoadError, serving_files
+
+    listing = ["saved_model.pb", "fingerprint.pb", "variables/variables.index", "variables/variables.data-0",
+               "assets/vocab.txt", "labels.txt", "model_version.txt", "model.keras", "metrics.json",
+               "checkpoints/ckpt-1.index", "export/old/saved_model.pb"]
+    root, files = serving_files(listing, "gs://b/m")
+    assert root == ""
+    assert files == ["saved_model.pb", "fingerprint.pb", "variables/variables.index",
+                     "variables/variables.data-0", "assets/vocab.txt", "labels.txt", "model_version.txt"]
+    root, files = serving_files(["run/model/saved_model.pb", "run/model/labels.txt", "run/model.keras"], "x")
+    assert (root, files) == ("run/model", ["run/model/saved_model.pb", "run/model/labels.txt"])
+    with pytest.raises(ModelLoadError, match="several SavedModels"):
+        serving_files(["a/saved_model.pb", "b/saved_model.pb"], "gs://b/m")
+    with pytest.raises(ModelLoadError, match="no saved_model.pb"):
+        serving_files(["model.keras"], "gs://b/m")

@@ -1,5 +1,5 @@
-"""``python -m dualml.serving``: start the prediction server (see dualml.serving.app)."""
+"""``python -m dualml.serving``: start the prediction server (see dualml.serving.server)."""
 
-from dualml.serving.app import main
+from dualml.serving.server import main
 
 raise SystemExit(main())

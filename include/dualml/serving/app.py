@@ -1,46 +1,66 @@
-"""HTTP prediction server implementing Vertex AI's custom serving container contract.
+"""The HTTP layer: a Starlette ASGI application (served by uvicorn, see ``dualml.serving.server``).
 
-``python -m dualml.serving [--model-dir DIR|gs://...] [--port N] ...``
+Why Starlette + uvicorn: both are maintained, small, and already pinned in the project through
+Airflow 3 (its API server runs on them), so the serving image adds no new stack; uvicorn with
+httptools parses HTTP in C, handles keep-alive, chunked bodies, pipelining and graceful SIGTERM
+draining; Starlette gives routing, request streaming and a lifespan without FastAPI's
+validation layer (nothing to validate that ``protocol.py`` does not already explain better).
+KServe's and Vertex AI's own Python model servers are built on the same two. A thread-per-
+connection server (the previous ``http.server`` one) or gunicorn workers would need one model
+copy per process and could not batch across requests.
 
-Environment (set by Vertex AI; CLI flags override them):
+What lives here, the model being behind ``load_model`` (``dualml.serving.model``) and the
+request format in ``dualml.serving.protocol``:
 
-- ``AIP_HTTP_PORT`` (8080), ``AIP_PREDICT_ROUTE`` (``/predict``), ``AIP_HEALTH_ROUTE`` (``/health``)
-- ``AIP_STORAGE_URI``: gs:// or local directory with the exported SavedModel and labels.txt
-  (gs:// is downloaded to a temp dir first, through dualml.storage / STORAGE_EMULATOR_HOST)
-- ``MODEL_VERSION`` / ``AIP_DEPLOYED_MODEL_ID``: reported as ``model.version`` when the model
-  directory has no ``model_version.txt``
-- ``SERVING_MAX_INSTANCES`` (64), ``SERVING_MAX_BODY_BYTES`` (1.5 MiB, Vertex's online request
-  limit), ``SERVING_MAX_IMAGE_PIXELS`` (40e6, 0 = no limit)
-
-The model is loaded (and warmed up) before the port is opened, so the health route answers 200
-only when predictions can be served. Standard library only (http.server); never imports Airflow.
-Request and response formats: see dualml.serving.protocol.
+- **readiness**: the app serves at once; the model is loaded (downloaded, loaded, warmed) on a
+  thread, and the health route answers 503 ``{"status": "loading"}`` until it is ready, then 200.
+  Predictions before that get a 503 with Retry-After. A model that cannot load ends the process.
+- **limits**: at most ``max_concurrent_requests`` predict requests admitted at once (reading,
+  parsing, queued or predicting); one more gets 503 + Retry-After at once (never an unbounded
+  queue). Bodies: Content-Length or chunked; more than ``max_body_bytes`` is a 413 without reading
+  further; no length at all is a 411; a body slower than ``body_timeout_s`` is a 408.
+- **batching**: parsed requests go to ``DynamicBatcher`` (one model call for concurrent requests).
+- **logs**: one structured line per request (``httpRequest``, instances, batch size, latency).
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
+import contextlib
 import json
 import logging
-import os
-import shutil
-import signal
-import sys
+import threading
 import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit
 
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dualml.serving.batching import BatcherStopped, DynamicBatcher
+from dualml.serving.logs import FIELDS_ATTR
 from dualml.serving.protocol import EXPECTED_FORMAT, RequestError, error_json, parse_predict_body
 
 log = logging.getLogger("dualml.serving")
+request_log = logging.getLogger("dualml.serving.requests")
 
 DEFAULT_MAX_INSTANCES = 64
 DEFAULT_MAX_BODY_BYTES = 1536 * 1024  # Vertex AI online prediction: 1.5 MB per request
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) oversized bodies up to this so the client sees the 413
-SOCKET_TIMEOUT_S = 60
+# Tuned with `make bench` on 2 cores (DenseNet121): see docs/design.md, "Serving".
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_TIMEOUT_MS = 5.0
+DEFAULT_MAX_CONCURRENT_REQUESTS = 64
+DEFAULT_BODY_TIMEOUT_S = 60.0
+# A declared body up to this size past the limit is discarded by uvicorn as it arrives, so a
+# keep-alive client reads its 413; beyond it the connection is closed instead of reading more.
+DISCARD_LIMIT = 16 * 1024 * 1024
+LOG_ERROR_CHARS = 300  # error messages in logs are cut: a client may echo anything in a key
 
 
 class PredictorLike(Protocol):
@@ -52,417 +72,332 @@ class PredictorLike(Protocol):
     def predict(self, images: list[bytes]) -> list[dict]: ...
 
 
+@dataclass(frozen=True)
+class ServingOptions:
+    predict_route: str = "/predict"
+    health_route: str = "/health"
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    parse_threads: int = 4
+    warm_up: bool = True
+
+    def check(self) -> None:
+        for name in ("max_instances", "max_body_bytes", "max_batch_size", "max_concurrent_requests",
+                     "parse_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_timeout_ms < 0 or self.body_timeout_s <= 0:
+            raise ValueError("batch_timeout_ms must be >= 0 and body_timeout_s > 0")
+        for name in ("predict_route", "health_route"):
+            if not getattr(self, name).startswith("/"):
+                raise ValueError(f"{name} must start with '/', got {getattr(self, name)!r}")
+        if _route(self.predict_route) == _route(self.health_route):
+            raise ValueError(f"predict and health routes are both {self.predict_route}")
+
+
 def _route(path: str) -> str:
-    path = urlsplit(path).path or "/"
     return path.rstrip("/") or "/"
 
 
-class PredictionHandler(BaseHTTPRequestHandler):
-    """One instance per request; configuration lives on ``self.server``."""
+class ModelState:
+    """Where the model is: loading -> ready | failed. Written by the loader thread, read by requests."""
 
-    server: PredictionServer
-    protocol_version = "HTTP/1.1"  # keep-alive for Vertex's proxy: every response sends Content-Length
-    server_version = "dualml-serving/1"
-    timeout = SOCKET_TIMEOUT_S
-    # Headers and body go out as two writes; with Nagle + delayed ACK a keep-alive client waited
-    # ~40 ms for the body on every response (measured by `make bench`: /health 44 ms -> <1 ms).
-    disable_nagle_algorithm = True
+    def __init__(self):
+        self.status = "loading"
+        self.error: str | None = None
+        self.predictor: PredictorLike | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.started_at = time.monotonic()
+        self.ready_after_s: float | None = None
+        self.admitted = 0  # predict requests in flight (event-loop thread only)
+        self.rejected = 0  # turned away by back-pressure
 
-    # --- bookkeeping for the one-line request log -------------------------------------------
-    def handle_one_request(self):
-        self._status = None
-        self._instances = None
-        self._t0 = time.perf_counter()
-        self._body_read = False
+
+def _json_response(status: int, payload: dict, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload).encode("utf-8"), status, headers, media_type="application/json")
+
+
+def _note(request: Request, **fields) -> None:
+    """Fields for this request's log line (read by RequestLogMiddleware after the response)."""
+    request.scope.setdefault("dualml.log", {}).update(fields)
+
+
+def create_app(
+    options: ServingOptions,
+    load_model: Callable[[], PredictorLike],
+    on_fatal: Callable[[str], None] | None = None,
+) -> Starlette:
+    """The ASGI app. ``load_model`` runs on a background thread at startup; ``on_fatal`` is told
+    when it fails (the server then exits: Vertex AI restarts or reports the container)."""
+    options.check()
+    state = ModelState()
+    parse_pool = ThreadPoolExecutor(options.parse_threads, thread_name_prefix="dualml-parse")
+    predict_route, health_route = _route(options.predict_route), _route(options.health_route)
+
+    def load() -> None:
         try:
-            super().handle_one_request()
-        finally:
-            if self._status is not None:
-                ms = (time.perf_counter() - self._t0) * 1000
-                log.info(
-                    "%s %s %s instances=%s ms=%.1f",
-                    getattr(self, "command", None) or "-",
-                    _route(getattr(self, "path", "") or "-"),
-                    self._status,
-                    "-" if self._instances is None else self._instances,
-                    ms,
-                )
-
-    def parse_request(self):
-        self._t0 = time.perf_counter()  # the request line is in: don't count keep-alive idle time
-        return super().parse_request()
-
-    def send_response(self, code, message=None):
-        self._status = int(code)
-        super().send_response(code, message)
-
-    def log_request(self, code="-", size="-"):  # replaced by the line in handle_one_request
-        pass
-
-    def log_message(self, format, *args):
-        log.debug("%s - %s", self.address_string(), format % args)
-
-    # --- responses ---------------------------------------------------------------------------
-    def _send_json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-        if not self._body_read and self._has_body():
-            # Unread request body on a keep-alive connection would be parsed as the next request.
-            self.close_connection = True
-        body = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors raised by http.server itself (bad request line, unsupported method...) as JSON."""
-        try:
-            short, long = self.responses[code]
-        except KeyError:
-            short, long = "error", ""
-        self.close_connection = True
-        msg = message or explain or long or short
-        if code == HTTPStatus.NOT_IMPLEMENTED:
-            msg = f"method {getattr(self, 'command', '?')} is not supported; use POST for predictions"
-        body = json.dumps(error_json(msg)).encode("utf-8")
-        self.send_response(code, short)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304):
-            self.wfile.write(body)
-
-    # --- request body --------------------------------------------------------------------------
-    def _has_body(self) -> bool:
-        headers = getattr(self, "headers", None)
-        if headers is None:
-            return False
-        if headers.get("Transfer-Encoding"):
-            return True
-        try:
-            return int(headers.get("Content-Length") or 0) > 0
-        except ValueError:
-            return True
-
-    def _drain(self, length: int) -> None:
-        if length > DRAIN_LIMIT:
-            self.close_connection = True
-            return
-        remaining = length
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 65536))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-        self._body_read = True
-
-    def _read_body(self) -> bytes:
-        limit = self.server.max_body_bytes
-        te = self.headers.get("Transfer-Encoding")
-        if te and te.strip().lower() != "identity":
-            raise RequestError(
-                411,
-                f"Transfer-Encoding {te} is not supported: send the JSON body with a Content-Length header",
+            predictor = load_model()
+            if options.warm_up and hasattr(predictor, "warm_up"):
+                predictor.warm_up((1, options.max_batch_size))
+            batcher = DynamicBatcher(
+                predictor.predict,
+                max_batch_size=options.max_batch_size,
+                timeout_s=options.batch_timeout_ms / 1000,
             )
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise RequestError(411, f"missing Content-Length header; POST a JSON body like {EXPECTED_FORMAT}")
+        except BaseException as e:  # noqa: BLE001 - reported, then the process exits
+            state.error = f"{type(e).__name__}: {e}" if not str(e) else str(e)
+            state.status = "failed"
+            # ModelLoadError / StorageError / OSError explain themselves; anything else is a bug.
+            log.error("cannot load the model: %s", state.error,
+                      exc_info=not isinstance(e, (RuntimeError, OSError, ValueError)))
+            if on_fatal:
+                on_fatal(state.error)
+            return
+        state.predictor, state.batcher = predictor, batcher
+        state.ready_after_s = time.monotonic() - state.started_at
+        state.status = "ready"
+        log.info(
+            "model ready after %.1f s: %d labels (%s), version %s; batching up to %d instances, %g ms wait",
+            state.ready_after_s, len(predictor.labels), ", ".join(predictor.labels), predictor.version,
+            options.max_batch_size, options.batch_timeout_ms,
+            extra={FIELDS_ATTR: {"ready_after_s": round(state.ready_after_s, 2)}},
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=load, name="dualml-model-loader", daemon=True).start()
+        yield
+        # uvicorn has drained in-flight requests (or given up after its graceful timeout).
+        if state.batcher is not None:
+            state.batcher.stop(timeout_s=10)
+        parse_pool.shutdown(wait=False, cancel_futures=True)
+
+    def not_ready() -> Response:
+        waited = time.monotonic() - state.started_at
+        if state.status == "failed":
+            return _json_response(503, error_json(f"the model failed to load: {state.error}"))
+        return _json_response(
+            503,
+            error_json(f"the model is still loading ({waited:.0f} s so far); retry when "
+                       f"GET {health_route} answers 200"),
+            {"Retry-After": "5"},
+        )
+
+    async def health(request: Request) -> Response:
+        if state.status != "ready":
+            _note(request, error=state.error)
+            body = {"status": state.status, "uptime_s": round(time.monotonic() - state.started_at, 1)}
+            if state.error:
+                body["error"] = state.error
+            return _json_response(503, body, {"Retry-After": "5"} if state.status == "loading" else None)
+        p = state.predictor
+        return _json_response(200, {
+            "status": "ok",
+            "model": {"labels": p.labels, "version": p.version},
+            "predict_route": predict_route,
+            "uptime_s": round(time.monotonic() - state.started_at, 1),
+            "in_flight": state.admitted,
+            "rejected": state.rejected,
+        })
+
+    def parse(body: bytes) -> list[bytes]:
+        images = parse_predict_body(body, options.max_instances)
+        predictor = state.predictor
+        problems = [f"instance {i}: {p}" for i, data in enumerate(images) if (p := predictor.check_image(data))]
+        if problems:
+            raise RequestError(400, "; ".join(problems))
+        return images
+
+    async def predict(request: Request) -> Response:
+        if state.status != "ready":
+            _note(request, error="model not ready")
+            return not_ready()
+        if state.admitted >= options.max_concurrent_requests:
+            state.rejected += 1
+            _note(request, error="back-pressure", backpressure=True)
+            return _json_response(
+                503,
+                error_json(f"server overloaded: {state.admitted} requests in flight, the limit is "
+                           f"{options.max_concurrent_requests}; retry after a second"),
+                {"Retry-After": "1"},
+            )
+        batcher = state.batcher
+        state.admitted += 1
+        batcher.expect()
+        submitted = False
         try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError(raw)
+            body = await _read_body(request, options)
+            _note(request, request_bytes=len(body))
+            images = await asyncio.get_running_loop().run_in_executor(parse_pool, parse, body)
+            _note(request, instances=len(images))
+            future = batcher.submit(images)
+            submitted = True
+            result = await asyncio.wrap_future(future)
+        except RequestError as e:
+            _note(request, error=e.message)
+            return _json_response(e.status, error_json(e.message), {"Connection": "close"} if e.close else None)
+        except BatcherStopped:
+            _note(request, error="shutting down")
+            return _json_response(503, error_json("the server is shutting down; retry"), {"Retry-After": "1"})
+        except ClientDisconnect:
+            _note(request, error="client disconnected")
+            return Response(status_code=499)  # nobody reads it; logged as nginx's "client closed request"
+        except Exception as e:  # a bug or a model failure must not kill the server
+            log.exception("prediction failed")
+            _note(request, error=f"{type(e).__name__}: {e}")
+            return _json_response(500, error_json(f"internal error while predicting: {type(e).__name__}: {e}"))
+        finally:
+            state.admitted -= 1
+            if not submitted:
+                batcher.forget()
+        _note(request, batch_size=result.batch_size, batch_requests=result.batch_requests)
+        headers = {"X-Model-Version": str(state.predictor.version)} if state.predictor.version else None
+        return _json_response(200, {"predictions": result.outputs}, headers)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        return _json_response(404, error_json(
+            f"unknown route {request.url.path}; use POST {predict_route} for predictions "
+            f"and GET {health_route} for health"))
+
+    async def method_not_allowed(request: Request, exc: HTTPException) -> Response:
+        if _route(request.url.path) == health_route:
+            msg = f"method {request.method} not allowed on {health_route}; use GET"
+        else:
+            msg = (f"method {request.method} not allowed on {predict_route}; "
+                   f"use POST with a JSON body like {EXPECTED_FORMAT}")
+        return _json_response(405, error_json(msg), dict(exc.headers or {}))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _json_response(500, error_json(f"internal server error: {type(exc).__name__}: {exc}"))
+
+    app = Starlette(
+        routes=[
+            Route(predict_route, predict, methods=["POST"]),
+            Route(health_route, health, methods=["GET"]),  # HEAD is implied
+        ],
+        exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.model = state
+    return RequestLogMiddleware(app, health_route)
+
+
+async def _read_body(request: Request, options: ServingOptions) -> bytes:
+    """The body, Content-Length or chunked, never more than ``max_body_bytes`` of it read."""
+    limit = options.max_body_bytes
+    headers = request.headers
+    declared = headers.get("content-length")
+    if declared is not None:
+        # uvicorn's parser already refuses malformed / negative lengths with a 400.
+        try:
+            length = int(declared)
         except ValueError:
-            raise RequestError(400, f"invalid Content-Length header {raw!r}") from None
+            raise RequestError(400, f"invalid Content-Length header {declared!r}", close=True) from None
         if length > limit:
-            self._drain(length)
             raise RequestError(
                 413,
                 f"request body too large: {length} bytes, the limit is {limit} bytes; "
                 "send fewer or smaller images per request",
+                close=length > limit + DISCARD_LIMIT,
             )
-        try:
-            data = self.rfile.read(length)
-        except TimeoutError:
-            self.close_connection = True
-            raise RequestError(
-                408, f"timed out after {self.timeout} s waiting for the {length}-byte request body"
-            ) from None
-        self._body_read = True
-        if len(data) < length:
-            self.close_connection = True
-            raise RequestError(400, f"request body ended after {len(data)} of {length} bytes")
-        return data
-
-    # --- routing -------------------------------------------------------------------------------
-    def _dispatch(self, method: str) -> None:
-        route = _route(self.path)
-        srv = self.server
-        try:
-            if route == srv.health_route:
-                if method in ("GET", "HEAD"):
-                    self._health()
-                else:
-                    self._send_json(
-                        405,
-                        error_json(f"method {method} not allowed on {srv.health_route}; use GET"),
-                        {"Allow": "GET, HEAD"},
-                    )
-            elif route == srv.predict_route:
-                if method == "POST":
-                    self._predict()
-                else:
-                    self._send_json(
-                        405,
-                        error_json(
-                            f"method {method} not allowed on {srv.predict_route}; "
-                            f"use POST with a JSON body like {EXPECTED_FORMAT}"
-                        ),
-                        {"Allow": "POST"},
-                    )
-            else:
-                self._send_json(
-                    404,
-                    error_json(
-                        f"unknown route {route}; use POST {srv.predict_route} for predictions "
-                        f"and GET {srv.health_route} for health"
-                    ),
-                )
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # a bug must not kill the server
-            log.exception("unhandled error on %s %s", method, route)
-            self.close_connection = True
-            if self._status is None:
-                try:
-                    self._send_json(500, error_json(f"internal server error: {type(e).__name__}: {e}"))
-                except OSError:
-                    pass
-
-    def _health(self) -> None:
-        srv = self.server
-        self._send_json(
-            200,
-            {
-                "status": "ok",
-                "model": {"labels": srv.predictor.labels, "version": srv.predictor.version},
-                "predict_route": srv.predict_route,
-                "uptime_s": round(time.monotonic() - srv.started_at, 1),
-            },
+    elif "chunked" not in headers.get("transfer-encoding", "").lower():
+        raise RequestError(
+            411,
+            f"the request has no body length: send a Content-Length header (or Transfer-Encoding: chunked) "
+            f"with a JSON body like {EXPECTED_FORMAT}",
+            close=True,  # whatever follows the headers would be read as the next request
         )
-
-    def _predict(self) -> None:
-        srv = self.server
-        predictor = srv.predictor
-        try:
-            images = parse_predict_body(self._read_body(), srv.max_instances)
-            self._instances = len(images)
-            problems = [
-                f"instance {i}: {p}" for i, data in enumerate(images) if (p := predictor.check_image(data))
-            ]
-            if problems:
-                raise RequestError(400, "; ".join(problems))
-        except RequestError as e:
-            self._send_json(e.status, error_json(e.message))
-            return
-        try:
-            predictions = predictor.predict(images)
-        except Exception as e:  # report, keep serving
-            log.exception("prediction failed for %d instance(s)", len(images))
-            self._send_json(500, error_json(f"internal error while predicting: {type(e).__name__}: {e}"))
-            return
-        self._send_json(
-            200,
-            {"predictions": predictions, "model": {"labels": predictor.labels, "version": predictor.version}},
-        )
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-
-class PredictionServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # listen backlog: bursts from Vertex's front end must not be refused
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        predictor: PredictorLike,
-        *,
-        predict_route: str = "/predict",
-        health_route: str = "/health",
-        max_instances: int = DEFAULT_MAX_INSTANCES,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    ):
-        self.predictor = predictor
-        self.predict_route = _route(predict_route)
-        self.health_route = _route(health_route)
-        self.max_instances = max_instances
-        self.max_body_bytes = max_body_bytes
-        self.started_at = time.monotonic()
-        super().__init__(address, PredictionHandler)
-
-
-# --- command line ------------------------------------------------------------------------------
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"environment variable {name}={raw!r} is not an integer") from None
+        async with asyncio.timeout(options.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(
+                        413,
+                        f"request body too large: over {limit} bytes (chunked); "
+                        "send fewer or smaller images per request",
+                        close=True,
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(
+            408, f"timed out after {options.body_timeout_s:g} s waiting for the request body ({size} bytes so far)",
+            close=True,
+        ) from None
+    return b"".join(chunks)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dualml.serving",
-        description="Serve the exported image classifier over HTTP (Vertex AI custom container contract).",
-    )
-    p.add_argument(
-        "--model-dir",
-        default=os.environ.get("AIP_STORAGE_URI"),
-        help="gs:// or local directory with saved_model.pb + labels.txt (default: $AIP_STORAGE_URI)",
-    )
-    p.add_argument("--host", default=os.environ.get("SERVING_HOST", "0.0.0.0"), help="bind address (0.0.0.0)")
-    p.add_argument(
-        "--port", type=int, default=_env_int("AIP_HTTP_PORT", 8080), help="port ($AIP_HTTP_PORT, 8080)"
-    )
-    p.add_argument(
-        "--predict-route",
-        default=os.environ.get("AIP_PREDICT_ROUTE") or "/predict",
-        help="POST route for predictions ($AIP_PREDICT_ROUTE, /predict)",
-    )
-    p.add_argument(
-        "--health-route",
-        default=os.environ.get("AIP_HEALTH_ROUTE") or "/health",
-        help="GET route for health checks ($AIP_HEALTH_ROUTE, /health)",
-    )
-    p.add_argument(
-        "--max-instances",
-        type=int,
-        default=_env_int("SERVING_MAX_INSTANCES", DEFAULT_MAX_INSTANCES),
-        help=f"most images per request ({DEFAULT_MAX_INSTANCES})",
-    )
-    p.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=_env_int("SERVING_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-        help=f"largest request body in bytes ({DEFAULT_MAX_BODY_BYTES}, Vertex's 1.5 MB online limit)",
-    )
-    p.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=_env_int("SERVING_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
-        help=f"largest decoded image, width*height ({DEFAULT_MAX_IMAGE_PIXELS}; 0 = no limit)",
-    )
-    p.add_argument(
-        "--model-version",
-        default=None,
-        help="version reported in responses (default: model_version.txt, $MODEL_VERSION, $AIP_DEPLOYED_MODEL_ID)",
-    )
-    p.add_argument("--log-level", default=os.environ.get("SERVING_LOG_LEVEL", "INFO"))
-    return p
+class RequestLogMiddleware:
+    """One log line per request, after the response is sent (pure ASGI: sees every status)."""
 
+    def __init__(self, app: Starlette, health_route: str):
+        self.app = app
+        self.health_route = health_route
+        self.state = app.state.model
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.model_dir:
-        log.error("no model: set AIP_STORAGE_URI or pass --model-dir (gs:// or a local directory)")
-        return 2
-    for name in ("max_instances", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            log.error("--%s must be >= 1, got %s", name.replace("_", "-"), getattr(args, name))
-            return 2
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 0
+        sent = 0
 
-    # SIGTERM (Vertex undeploy, docker stop) -> leave serve_forever and clean up.
-    def _stop(signum, frame):
-        raise SystemExit(0)
+        async def send_and_count(message):
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
 
-    signal.signal(signal.SIGTERM, _stop)
-
-    from dualml.serving.model import ModelLoadError, Predictor, fetch_model_dir
-
-    t0 = time.perf_counter()
-    tmp_dir = None
-    server = None
-    try:
         try:
-            local_dir, tmp_dir = fetch_model_dir(args.model_dir)
-            predictor = Predictor(
-                local_dir, version=args.model_version, max_image_pixels=args.max_image_pixels
-            )
-        except (ModelLoadError, OSError, RuntimeError, ValueError) as e:
-            log.error("cannot load the model from %s: %s", args.model_dir, e)
-            return 1
-        log.info(
-            "loaded model from %s in %.1f s: %d labels (%s), version %s",
-            args.model_dir,
-            time.perf_counter() - t0,
-            len(predictor.labels),
-            ", ".join(predictor.labels),
-            predictor.version,
-        )
-        try:
-            server = PredictionServer(
-                (args.host, args.port),
-                predictor,
-                predict_route=args.predict_route,
-                health_route=args.health_route,
-                max_instances=args.max_instances,
-                max_body_bytes=args.max_body_bytes,
-            )
-        except OSError as e:
-            log.error("cannot listen on %s:%s: %s", args.host, args.port, e)
-            return 1
-        log.info(
-            "listening on http://%s:%d  POST %s  GET %s  (max %d instances, %d body bytes)",
-            args.host,
-            server.server_address[1],
-            server.predict_route,
-            server.health_route,
-            server.max_instances,
-            server.max_body_bytes,
-        )
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        return 0
-    finally:
-        if server is not None:
-            log.info("shutting down")
-            server.server_close()
-        if tmp_dir:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            await self.app(scope, receive, send_and_count)
+        finally:
+            self._log(scope, status, sent, time.perf_counter() - t0)
+
+    def _log(self, scope, status: int, sent: int, seconds: float) -> None:
+        path = scope.get("path", "")
+        level = logging.INFO
+        if _route(path) == self.health_route and status == 200:
+            level = logging.DEBUG  # Vertex probes health every few seconds: keep logs readable
+        elif status >= 500 and status != 503:
+            level = logging.ERROR
+        elif status >= 400:
+            level = logging.WARNING
+        if not request_log.isEnabledFor(level):
+            return
+        fields = dict(scope.get("dualml.log") or {})
+        error = fields.pop("error", None)
+        headers = dict(scope.get("headers") or [])
+        client = scope.get("client")
+        http_request = {
+            "requestMethod": scope.get("method"),
+            "requestUrl": path,
+            "status": status,
+            "latency": f"{seconds:.6f}s",
+            "responseSize": str(sent),
+            "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
+        }
+        if "request_bytes" in fields:
+            http_request["requestSize"] = str(fields["request_bytes"])
+        if client:
+            http_request["remoteIp"] = client[0]
+        if b"user-agent" in headers:
+            http_request["userAgent"] = headers[b"user-agent"].decode("latin-1")[:200]
+        ms = seconds * 1000
+        summary = f"{scope.get('method')} {path} {status} {ms:.1f} ms"
+        if "instances" in fields:
+            summary += f" instances={fields['instances']}"
+        if "batch_size" in fields:
+            summary += f" batch={fields['batch_size']}"
+        entry = {"httpRequest": http_request, "latency_ms": round(ms, 2), **fields}
+        if error:
+            entry["error"] = str(error)[:LOG_ERROR_CHARS]
+            summary += f" error: {entry['error']}"
+        request_log.log(level, "%s", summary, extra={FIELDS_ATTR: entry})

@@ -33,39 +33,79 @@ class ModelLoadError(RuntimeError):
     """The model directory cannot be served; the message says what is missing."""
 
 
+# What serving reads from a model directory; the trainer also writes model.keras (as large again as
+# the SavedModel), metrics, history and the split there, which a serving replica never needs.
+SERVING_FILES = ("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", LABELS_FILE, VERSION_FILE)
+SERVING_DIRS = ("variables/", "assets/", "assets.extra/")
+
+
+def _saved_model_root(rel_paths: list[str], where: str) -> str:
+    """The directory (relative, "" = top) holding the one saved_model.pb among ``rel_paths``."""
+    roots = sorted({p.rpartition("/")[0] for p in rel_paths if p.rpartition("/")[2] == "saved_model.pb"})
+    if len(roots) == 1:
+        return roots[0]
+    if "" in roots:  # the top-level model wins over nested copies (as a local directory does)
+        return ""
+    if not roots:
+        listing = ", ".join(sorted({p.split("/")[0] for p in rel_paths})[:20]) or "empty"
+        raise ModelLoadError(
+            f"no saved_model.pb under {where} (contents: {listing}); point AIP_STORAGE_URI / "
+            "--model-dir at the directory written by dualml.trainer.export.export_serving_model"
+        )
+    raise ModelLoadError(f"several SavedModels under {where} ({', '.join(roots)}); point at one of them")
+
+
+def serving_files(rel_paths: list[str], where: str) -> tuple[str, list[str]]:
+    """(SavedModel root, the files under it that serving needs) from a model directory listing."""
+    root = _saved_model_root(rel_paths, where)
+    prefix = f"{root}/" if root else ""
+    wanted = []
+    for path in rel_paths:
+        if not path.startswith(prefix):
+            continue
+        rel = path[len(prefix) :]
+        if rel in SERVING_FILES or rel.startswith(SERVING_DIRS):
+            wanted.append(path)
+    return root, wanted
+
+
 def _find_saved_model(root: Path) -> Path:
     if (root / "saved_model.pb").is_file():
         return root
-    found = sorted(p.parent for p in root.rglob("saved_model.pb"))
-    if len(found) == 1:
-        return found[0]
-    listing = ", ".join(sorted(p.name for p in root.iterdir())[:20]) if root.is_dir() else "not a directory"
-    if not found:
-        raise ModelLoadError(
-            f"no saved_model.pb under {root} (contents: {listing or 'empty'}); point AIP_STORAGE_URI / "
-            "--model-dir at the directory written by dualml.trainer.export.export_serving_model"
-        )
-    raise ModelLoadError(
-        f"several SavedModels under {root} ({', '.join(map(str, found))}); point at one of them"
-    )
+    if not root.is_dir():
+        raise ModelLoadError(f"model directory {root} is not a directory")
+    rel = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return root / _saved_model_root(rel, str(root))
 
 
-def fetch_model_dir(uri: str) -> tuple[str, str | None]:
+def fetch_model_dir(uri: str, download_to: str | None = None) -> tuple[str, str | None]:
     """Return (local directory holding saved_model.pb, temp dir to delete on exit or None).
 
-    ``gs://`` URIs are downloaded (through dualml.storage, which honours STORAGE_EMULATOR_HOST).
+    ``gs://`` URIs: only the files serving needs (SERVING_FILES, SERVING_DIRS) are downloaded,
+    through dualml.storage (which honours STORAGE_EMULATOR_HOST), into ``download_to`` (the
+    caller deletes it) or a new temp dir. Local directories are used in place.
     """
     from dualml import storage
 
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if storage.is_gcs(uri):
-        tmp = tempfile.mkdtemp(prefix="dualml-serving-")
+        base = uri.rstrip("/")
+        listed = storage.list_files(base)
+        rel_paths = [u[len(base) + 1 :] for u in listed if u.startswith(base + "/")]
+        root, wanted = serving_files(rel_paths, uri)
+        tmp = download_to or tempfile.mkdtemp(prefix="dualml-serving-")
         try:
-            storage.download_dir(uri, tmp)
-            return str(_find_saved_model(Path(tmp))), tmp
+            for rel in wanted:
+                storage.download_file(f"{base}/{rel}", os.path.join(tmp, rel))
+            log.info(
+                "downloaded %d serving file(s) from %s (skipped %d others, e.g. model.keras)",
+                len(wanted), uri, len(rel_paths) - len(wanted),
+            )
+            return (os.path.join(tmp, root) if root else tmp), (None if download_to else tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not download_to:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
     root = Path(uri)
     if not root.is_dir():
@@ -138,6 +178,15 @@ class Predictor:
             raise ModelLoadError(
                 f"{LABELS_FILE} lists {len(self.labels)} labels but the model outputs {width} classes"
             )
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run each batch size once with a realistic image, so the first requests after the health
+        route turns 200 do not pay for graph optimisation and memory allocation."""
+        tf = self._tf
+        noise = tf.random.stateless_uniform((128, 128, 3), seed=(1, 2), maxval=256, dtype=tf.int32)
+        jpeg = tf.io.encode_jpeg(tf.cast(noise, tf.uint8)).numpy()
+        for size in sorted(set(batch_sizes)):
+            self.predict([jpeg] * size)
 
     def check_image(self, data: bytes) -> str | None:
         """None if ``data`` decodes the way the model will decode it, else the reason it does not."""

@@ -8,8 +8,11 @@ Request (Vertex AI online prediction, ``POST <AIP_PREDICT_ROUTE>``)::
 Response 200::
 
     {"predictions": [{"label": "roses", "confidence": 0.91, "class_index": 2,
-                      "probabilities": {"daisy": 0.01, ..., "roses": 0.91, ...}}, ...],
-     "model": {"labels": ["daisy", ...], "version": "v3" | null}}
+                      "probabilities": {"daisy": 0.01, ..., "roses": 0.91, ...}}, ...]}
+
+Only ``predictions``: Vertex AI passes that field through and adds its own (``deployedModelId``,
+``model`` as a resource-name string, ...), so a top-level ``model`` object here would collide with
+``PredictResponse.model``. The model version travels in the ``X-Model-Version`` response header.
 
 Client errors: 4xx with ``{"error": "<what is wrong, and the expected format>"}``.
 """
@@ -25,12 +28,14 @@ EXPECTED_FORMAT = '{"instances": [{"b64": "<base64-encoded JPEG or PNG>"}, ...]}
 
 
 class RequestError(Exception):
-    """A client error: ``status`` is the HTTP status, ``message`` says what to fix."""
+    """A client error: ``status`` is the HTTP status, ``message`` says what to fix; ``close``: the
+    connection cannot be reused (part of the request was left unread)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, close: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 def _decode_b64(value: object, where: str) -> bytes:
@@ -81,12 +86,21 @@ def parse_predict_body(body: bytes, max_instances: int) -> list[bytes]:
     Raises RequestError (400, or 413 for more than ``max_instances``) naming the problem.
     Image decodability is checked separately (it needs the image decoder).
     """
+    if not body:
+        raise RequestError(400, f"request body is empty; expected {EXPECTED_FORMAT}")
     try:
         payload = json.loads(body)
     except UnicodeDecodeError:
         raise RequestError(400, f"request body is not UTF-8 JSON; expected {EXPECTED_FORMAT}") from None
     except json.JSONDecodeError as e:
         raise RequestError(400, f"request body is not valid JSON ({e}); expected {EXPECTED_FORMAT}") from None
+    except RecursionError:  # hostile nesting ([[[[...]]]]) must be a client error, not a 500
+        raise RequestError(
+            400, f"request body is nested too deeply to be a prediction request; expected {EXPECTED_FORMAT}"
+        ) from None
+    except ValueError as e:  # e.g. an integer beyond sys.get_int_max_str_digits() (4300 digits)
+        reason = str(e).split(";")[0]  # drop Python's advice to call sys.set_int_max_str_digits()
+        raise RequestError(400, f"request body is not acceptable JSON ({reason}); expected {EXPECTED_FORMAT}") from None
     if not isinstance(payload, dict):
         raise RequestError(
             400,
