@@ -17,6 +17,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dual_deploy import names
+
 PLATFORMS = ("local", "gcp")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "dags" / "config" / "dual_deploy.yaml"
 
@@ -90,6 +92,17 @@ class EndpointConfig(_Strict):
     canary_traffic_percent: int = Field(10, ge=1, le=100)
     smoke_instances: int = Field(2, ge=1, le=16)
 
+    @field_validator("display_name")
+    @classmethod
+    def _endpoint_name(cls, v: str) -> str:
+        return names.check_vertex_display_name(v)
+
+    @field_validator("model_display_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        # Deployed models are named "<model_display_name>-v<version>".
+        return names.check_vertex_display_name(v, reserve=10)
+
 
 class TFLiteConfig(_Strict):
     mode: Literal["float32", "dynamic", "float16", "int8"] = "dynamic"
@@ -105,6 +118,17 @@ class PublishConfig(_Strict):
     backend: Literal["local", "firebase_ml", "firebase_storage"] = "local"
     unlock_timeout_s: int = Field(600, ge=1)  # Firebase ML: wait for the model to unlock after an upload
     remote_config_parameter: str | None = None  # firebase_storage: also point this Remote Config parameter at it
+
+    @field_validator("display_name")
+    @classmethod
+    def _firebase_name(cls, v: str) -> str:
+        # Firebase ML's rule for every backend, so a target can switch backends without renaming its model.
+        return names.check_firebase_ml_display_name(v)
+
+    @field_validator("tags")
+    @classmethod
+    def _firebase_tags(cls, v: list[str]) -> list[str]:
+        return names.check_firebase_tags(v)
 
 
 class GateConfig(_Strict):
@@ -204,7 +228,21 @@ class Config(_Strict):
             missing = [k for k in ("project", "trainer_image", "serving_image") if not getattr(self.gcp, k)]
             if missing:
                 raise ValueError(f"platform 'gcp' needs gcp.{', gcp.'.join(missing)} set in the config file")
+            self._check_firebase_bucket()
         return self
+
+    def _check_firebase_bucket(self) -> None:
+        # Both Firebase backends upload through the Cloud Storage for Firebase bucket: fail at parse
+        # time, not at `publish` after the GPU training.
+        firebase = [t for t in self.targets if t.publish and t.publish.backend in ("firebase_ml", "firebase_storage")]
+        bucket = self.gcp.firebase_storage_bucket
+        if firebase and not bucket:
+            uses = ", ".join(f"targets[{t.name}].publish.backend={t.publish.backend}" for t in firebase)
+            raise ValueError(f"gcp.firebase_storage_bucket is not set but {uses} uploads through it: set it to the "
+                             "project's Cloud Storage for Firebase bucket (e.g. my-project.firebasestorage.app)")
+        if firebase and bucket.startswith("gs://"):
+            raise ValueError(f"gcp.firebase_storage_bucket must be a bucket name, not a URI: "
+                             f"{bucket.removeprefix('gs://').rstrip('/')!r} instead of {bucket!r}")
 
     def target(self, name: str) -> TargetConfig:
         for t in self.targets:

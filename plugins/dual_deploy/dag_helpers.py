@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
 from airflow.sdk import Param
 
 from dual_deploy.config import Config
+from dual_deploy.names import display_name, run_alias, run_label, slug
 
 
-def slug(value: str) -> str:
-    """Airflow run ids (``manual__2026-01-01T00:00:00+00:00``) -> ``manual-2026-01-01t00-00-00-00-00``:
-    safe in object names, Vertex display names and version aliases (lowercase, digits, hyphens)."""
-    return re.sub(r"[^a-z0-9]+", "-", str(value).lower()).strip("-")[:100]
+# Names derived from the run id, valid for Vertex AI by construction (dual_deploy.names), e.g.
+#   "{{ run_id | slug }}"                                 run folder (<= 100 characters)
+#   "{{ run_id | run_alias }}"                            Model Registry version alias run-<slug> (<= 128)
+#   "{{ run_id | run_label }}"                            label value (<= 63, [a-z0-9_-])
+#   "{{ run_id | display_name('dual-deploy-cloud-') }}"   display name (<= 128; optional max_len argument)
+def _display_name_filter(run_id: str, prefix: str, max_len: int = 128) -> str:
+    return display_name(prefix, run_id, max_len)
 
 
-TEMPLATE_FILTERS = {"slug": slug}
+TEMPLATE_FILTERS = {"slug": slug, "run_alias": run_alias, "run_label": run_label,
+                    "display_name": _display_name_filter}
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",

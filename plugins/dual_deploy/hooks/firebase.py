@@ -39,12 +39,13 @@ from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
 from firebase_admin import credentials as firebase_credentials
 
 from dual_deploy.hooks.mobile_publisher import MobileModelPublisher, PublishError, file_sha256
+from dual_deploy.names import FIREBASE_ML_DISPLAY_NAME_PATTERN, FIREBASE_TAG_PATTERN
 
 FIREBASE_ML_SHUTDOWN = date(2027, 6, 15)
 
-# Firebase ML's own rules (firebase_admin.ml._DISPLAY_NAME_PATTERN / _TAG_PATTERN). The storage
-# backend applies the same rules so a target can switch backends without renaming its model.
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# Firebase ML's rules (dual_deploy.names: the API's display-name rule, stricter than the SDK's
+# _DISPLAY_NAME_PATTERN, and the SDK's _TAG_PATTERN). The storage backend applies the same rules so a
+# target can switch backends without renaming its model.
 # Firebase ML has no version number: this backend keeps one in a reserved tag ``v<N>``.
 _VERSION_TAG = re.compile(r"^v(\d+)$")
 
@@ -52,11 +53,12 @@ _APPS_LOCK = threading.Lock()
 
 
 def _validate_name_and_tags(display_name: str, tags: list[str]) -> list[str]:
-    if not isinstance(display_name, str) or not _NAME_PATTERN.match(display_name):
+    if not isinstance(display_name, str) or not FIREBASE_ML_DISPLAY_NAME_PATTERN.match(display_name):
         raise PublishError(
-            f"display name {display_name!r} is invalid: 1-32 characters from [A-Za-z0-9_-] (Firebase ML's rule)"
+            f"display name {display_name!r} is invalid: 1-32 characters from letters, digits and '_', "
+            "starting with a letter (Firebase ML's rule)"
         )
-    bad = [t for t in tags if not isinstance(t, str) or not _NAME_PATTERN.match(t)]
+    bad = [t for t in tags if not isinstance(t, str) or not FIREBASE_TAG_PATTERN.match(t)]
     if bad:
         raise PublishError(f"tags {bad} are invalid: each 1-32 characters from [A-Za-z0-9_-] (Firebase ML's rule)")
     reserved = [t for t in tags if _VERSION_TAG.match(t)]
