@@ -506,3 +506,33 @@ def test_curl_example_sends_a_request_sized_copy_of_a_large_photo(tmp_path):
     assert out != str(big)
     with Image.open(out) as im:
         assert max(im.size) == 1024
+
+
+# ================================================================ the trainer leaves no scratch behind (15.9)
+
+
+@pytest.mark.slow
+def test_trainer_removes_its_scratch_folder_even_when_the_job_fails(gcs_emulator, tmp_path):
+    """The job trains, then cannot publish (the model dir's bucket does not exist): exit 3, and the
+    ~80 MB ``dualml-train-*`` folder (checkpoints, TensorBoard, export) is gone all the same."""
+    import subprocess
+    import sys
+
+    from dualml import sample_data
+
+    data = tmp_path / "flowers"
+    sample_data.generate(data, per_class=5, size=32, classes=("daisy", "roses"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIP_", "CLOUD_ML", "TF_CONFIG"))}
+    env.update(TMPDIR=str(scratch), TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(root / "include"),
+               AIP_MODEL_DIR=f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/model/")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dualml.trainer", "--architecture", "mobilenet_v3_small", "--image-size", "32",
+         "--batch-size", "8", "--weights", "none", "--epochs", "1", "--data-uri", str(data)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=480)
+    assert proc.returncode == 3, proc.stdout[-4000:]
+    assert "does not exist" in proc.stdout
+    assert "test accuracy=" in proc.stdout  # it did train and evaluate: the scratch folder was in use
+    assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("dualml-train-")) == []

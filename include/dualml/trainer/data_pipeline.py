@@ -8,10 +8,8 @@ filesystem does not support.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import tensorflow as tf
 
@@ -26,19 +24,17 @@ TFRECORD_FEATURES = {
 
 
 def localize(uris: list[str], cache_dir: str | None = None) -> list[str]:
-    """Local paths for ``uris``; gs:// objects are downloaded once into ``cache_dir``."""
+    """Local paths for ``uris``; gs:// objects are downloaded once into ``cache_dir``.
+
+    The cache is keyed by content (the MD5/CRC32C the listing returns), not by name: images
+    replaced under the same name (even at the same size) are fetched again, so training never
+    reads bytes other than those now in the bucket (see ``dualml.storage.download_cached``).
+    """
     remote = [u for u in uris if storage.is_gcs(u)]
     if not remote:
         return list(uris)
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "dualml-data-cache")
-    mapping = {}
-    for u in remote:
-        bucket, path = storage.split_gcs(u)
-        digest = hashlib.sha1(u.encode()).hexdigest()[:8]
-        mapping[u] = os.path.join(cache_dir, bucket, digest + "_" + os.path.basename(path))
-    todo = [u for u in remote if not os.path.exists(mapping[u])]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda u: storage.download_file(u, mapping[u]), todo))
+    mapping = storage.download_cached(remote, cache_dir, threads=storage.DOWNLOAD_THREADS)
     return [mapping.get(u, u) for u in uris]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +92,15 @@ def _restore_checkpoints(cfg: TrainConfig, work: str) -> None:
 
 
 def run(cfg: TrainConfig) -> dict:
+    """Train, evaluate and export; the job's scratch folder (~80 MB) is removed however it ends."""
+    work = tempfile.mkdtemp(prefix="dualml-train-")
+    try:
+        return _run(cfg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(cfg: TrainConfig, work: str) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -149,7 +159,6 @@ def run(cfg: TrainConfig) -> dict:
             metrics=["accuracy"],
         )
 
-    work = tempfile.mkdtemp(prefix="dualml-train-")
     _restore_checkpoints(cfg, work)
     t1 = time.time()
     hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=_callbacks(cfg, work, "train"), verbose=2)
