@@ -163,6 +163,73 @@ def test_not_promoted_target_is_reported_and_its_champion_kept():
     assert "endpoint" not in s["targets"]["cloud"]
 
 
+# ------------------------------------------------------------------ a changed class set is never delivered silently
+
+def test_decide_blocks_a_class_change_without_opt_in_and_says_how():
+    from dual_deploy.operators.gate import class_change
+
+    change = class_change(["daisy", "roses", "tulips"], ["daisy", "roses", "sunflowers"])
+    assert change["added"] == ["sunflowers"] and change["removed"] == ["tulips"]
+    champion = {"class_change": change, "run_id": "r7"}
+    ok, reason = decide({"accuracy": 0.99, "macro_f1": 0.99}, champion, tolerance=0.01, min_accuracy=0.5,
+                        min_macro_f1=0)
+    assert not ok
+    assert "class set changed since the champion (run r7): added sunflowers; removed tulips" in reason
+    assert "Param allow_class_change=true" in reason and "gate.allow_class_change: true" in reason
+    ok, reason = decide({"accuracy": 0.99, "macro_f1": 0.99}, champion, tolerance=0.01, min_accuracy=0.5,
+                        min_macro_f1=0, allow_class_change=True)
+    assert ok and "added sunflowers; removed tulips" in reason and "allow_class_change is set" in reason
+    # Minimums still apply to an opted-in change.
+    assert not decide({"accuracy": 0.2, "macro_f1": 0.2}, champion, tolerance=0.01, min_accuracy=0.5,
+                      min_macro_f1=0, allow_class_change=True)[0]
+    assert class_change(["a", "b"], ["a", "b"]) is None
+
+
+def _champion_with_other_classes(run, gcs: GcsIO) -> None:
+    old = f"{run['root']}/models/old"
+    gcs.write_bytes(f"{old}/labels.txt", labels_text(["blue", "green", "purple"]))
+    gcs.write_json(f"{run['root']}/champions/cloud.json", {"model_dir": old, "run_id": "earlier"})
+
+
+def test_gate_does_not_deliver_a_changed_class_set_without_opt_in(run, gcs):
+    op, ctx = _gate(run, 0.9, None, gcs)
+    _champion_with_other_classes(run, gcs)
+    with pytest.raises(AirflowSkipException) as e:
+        op.execute(ctx)
+    msg = str(e.value)
+    assert "class set changed since the champion (run earlier): added red; removed purple" in msg
+    assert "allow_class_change" in msg
+    pushed = ctx["ti"].pushed
+    assert pushed["promote"] is False and pushed["allow_class_change"] is False
+    assert pushed["class_change"] == {"added": ["red"], "removed": ["purple"],
+                                      "champion_labels": ["blue", "green", "purple"], "labels": LABELS}
+
+
+@pytest.mark.parametrize("how", ["param", "config"])
+def test_gate_delivers_a_changed_class_set_with_opt_in(run, gcs, how):
+    op, ctx = _gate(run, 0.9, None, gcs)
+    _champion_with_other_classes(run, gcs)
+    if how == "param":
+        ctx["params"] = {"allow_class_change": True}
+    else:
+        op.allow_class_change = True
+    out = op.execute(ctx)
+    assert out["promote"] is True and out["allow_class_change"] is True
+    assert out["class_change"]["added"] == ["red"] and "allow_class_change is set" in out["reason"]
+
+
+def test_class_change_opt_in_is_a_config_key_and_a_run_param():
+    from pathlib import Path
+
+    from dual_deploy.config import GateConfig, load_config
+    from dual_deploy.dag_helpers import run_params
+
+    assert GateConfig().allow_class_change is False and GateConfig(allow_class_change=True).allow_class_change
+    cfg = load_config(Path(__file__).resolve().parents[1] / "dags" / "config" / "dual_deploy.yaml", platform="local")
+    param = run_params(cfg)["allow_class_change"]
+    assert param.value is False and param.schema["type"] == "boolean"
+
+
 # ------------------------------------------------------------------ cost arithmetic
 
 PRICES = {"currency": "USD", "regions": {"r1": {

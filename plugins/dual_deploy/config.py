@@ -138,6 +138,9 @@ class GateConfig(_Strict):
     min_accuracy: float = Field(0.5, ge=0, le=1)
     min_macro_f1: float = Field(0.0, ge=0, le=1)
     tolerance: float = Field(0.01, ge=0, le=1)
+    # A model whose class set differs from the champion's (classes added/removed) is delivered only
+    # with this opt-in (or the run Param allow_class_change): never silently.
+    allow_class_change: bool = False
 
 
 class TargetConfig(_Strict):

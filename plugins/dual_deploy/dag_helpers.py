@@ -45,6 +45,9 @@ def run_params(cfg: Config) -> dict[str, Param]:
         "targets": Param([t.name for t in cfg.targets], type="array",
                          items={"type": "string", "enum": [t.name for t in cfg.targets]},
                          description="Which targets to train and deliver in this run"),
+        "allow_class_change": Param(False, type="boolean",
+                                    description="Deliver even if the class set differs from the model serving now "
+                                                "(added/removed classes); without it such a model is not promoted"),
     }
 
 

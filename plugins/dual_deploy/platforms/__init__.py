@@ -97,6 +97,7 @@ def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_ur
             tolerance=target.gate.tolerance,
             min_accuracy=target.gate.min_accuracy,
             min_macro_f1=target.gate.min_macro_f1,
+            allow_class_change=target.gate.allow_class_change,
             retries=0,
         )
         delivery = platform.delivery_tasks(target, cfg, run_uri, split_uri, train.output["model_dir"])
