@@ -313,3 +313,21 @@ def test_report_has_plots_tables_and_decisions(tmp_path):
     for needle in ("cloud_training.png", "mobile_confusion.png", "int8", "1.70", "100.0%",
                    "below the minimum 0.600", "beats champion", "http://127.0.0.1:8501/predict", "0.0500 USD"):
         assert needle in page, needle
+
+
+def test_report_survives_class_names_matplotlib_would_read_as_tex(tmp_path):
+    """Issue 15.10: class folders named like TeX crashed the report (and so the summary) in mathtext."""
+    labels = [r"$\undefined$", "$x^2$", "50$ off", "a_b^c", r"back\slash"]
+    cm = [[int(i == j) * 3 for j in range(5)] for i in range(5)]
+    summary = {
+        "run_id": "manual__tex", "platform": "local", "status": "success", "artifacts_uri": "gs://b/r",
+        "split": {"labels": labels, "counts": {"test": 15}, "fingerprint": "f"},
+        "targets": {"cloud": {"kind": "endpoint", "status": "success", "failed_steps": [],
+                              "metrics": {"accuracy": 1.0, "macro_f1": 1.0, "labels": labels,
+                                          "confusion_matrix": cm}}},
+        "steps": {},
+    }
+    out = write_report(summary, {}, str(tmp_path))
+    assert out["images"] == ["cloud_confusion.png"]
+    with Image.open(tmp_path / "cloud_confusion.png") as im:
+        assert im.format == "PNG"

@@ -43,8 +43,11 @@ def _plot_confusion(cm: list[list[int]], labels: list[str], title: str, path: st
     n = len(labels)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels)
+    # Class names are folder names, not TeX: "$x$" or "\\alpha" must print as written, not go through
+    # mathtext (an unknown symbol there raises and would stop the summary).
+    literal = {"parse_math": False, "usetex": False}
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", **literal)
+    ax.set_yticks(range(n), labels, **literal)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     peak = max((max(r) for r in cm), default=0)
