@@ -30,9 +30,13 @@ airflow db migrate > "$STATE_DIR/logs/db-migrate.log" 2>&1 || { tail -30 "$STATE
 
 echo "==> running DAG dual_deployment (log: $STATE_DIR/logs/dags-test.log)"
 rm -f "$STATE_DIR/run_summary.json"
+# Progress: one line per finished task with its duration (read from Airflow's DB, not the log).
+python -m dual_deploy.progress db "$AIRFLOW_HOME/airflow.db" --dag dual_deployment &
+PROGRESS_PID=$!
 set +e
 airflow dags test dual_deployment --conf "{\"data_uri\": \"$DATA_URI\"}" 2>&1 | tee "$STATE_DIR/logs/dags-test.log" \
-  | grep --line-buffered -E "Marking task as|\[trainer\].*(Epoch|accuracy=)|test accuracy|TFLite|smoke|endpoint|published|ERROR|Error:" || true
+  | grep --line-buffered -E "\[trainer\].*(Epoch|accuracy=)|test accuracy|TFLite|smoke|endpoint|published|ERROR|Error:" || true
+kill -TERM "$PROGRESS_PID" 2>/dev/null; wait "$PROGRESS_PID" 2>/dev/null
 set -e
 echo
 if [ ! -f "$STATE_DIR/run_summary.json" ]; then
