@@ -371,12 +371,13 @@ def test_build_summary_failed_target():
     assert s["targets"]["cloud"]["status"] == "success"
     mobile = s["targets"]["mobile"]
     assert mobile["status"] == "failed"
-    assert mobile["failed_steps"] == ["mobile.convert_tflite", "mobile.publish"]
+    assert [f["task_id"] for f in mobile["failed_steps"]] == ["mobile.convert_tflite"]
+    assert mobile["not_run"] == ["mobile.publish"]
     assert "tflite" not in mobile and "published" not in mobile
     assert mobile["metrics"]["accuracy"] == 0.8  # training succeeded; its metrics are kept
     text = render_text(s)
     assert "FAILED" in text and "[mobile] failed" in text
-    assert "failed/skipped steps: mobile.convert_tflite, mobile.publish" in text
+    assert "failed mobile.convert_tflite:" in text and "not run: mobile.publish" in text
 
 
 def test_build_summary_not_promoted_is_not_a_failure():
@@ -399,8 +400,9 @@ def test_build_summary_when_data_validation_failed():
     s = _summary(states)
     assert s["status"] == "failed"
     assert all(t["status"] == "failed" and "metrics" not in t for t in s["targets"].values())
-    assert s["targets"]["cloud"]["failed_steps"] == sorted(f"cloud.{x}" for x in GROUP_STEPS["cloud"])
-    assert "test accuracy n/a" in render_text(s)
+    assert s["targets"]["cloud"]["not_run"] == sorted(f"cloud.{x}" for x in GROUP_STEPS["cloud"])
+    assert s["first_failure"]["task_id"] == "validate_dataset"
+    assert "[cloud] not run: validate_dataset failed" in render_text(s)
 
 
 def test_target_without_any_task_state_is_not_success():
@@ -420,8 +422,8 @@ class _FakeTI:
         self.state_queries.append((dag_id, sorted(task_ids), run_ids))
         return {self.run_id: {t: s for t, s in self.states.items() if t in task_ids}}
 
-    def xcom_pull(self, task_ids):
-        return self.xcoms.get(task_ids)
+    def xcom_pull(self, task_ids, key="return_value"):
+        return self.xcoms.get(task_ids) if key == "return_value" else None
 
 
 def _summary_dag(bucket: str, local_copy: str):
@@ -466,7 +468,7 @@ def test_run_summary_operator_fails_the_task_when_a_target_failed(gcs, bucket, t
     # The summary is written before the task fails: the evidence stays with the run.
     remote = gcs.read_json(f"gs://{bucket}/runs/r/run_summary.json")
     assert remote["status"] == "failed"
-    assert remote["targets"]["cloud"]["failed_steps"] == ["cloud.deploy"]
+    assert [f["task_id"] for f in remote["targets"]["cloud"]["failed_steps"]] == ["cloud.deploy"]
     assert remote["targets"]["mobile"]["status"] == "success"
     with open(local_copy) as f:
         assert json.load(f)["status"] == "failed"

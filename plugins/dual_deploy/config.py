@@ -199,6 +199,9 @@ class TriggersConfig(_Strict):
     sensor_poke_interval_s: int = Field(60, ge=1)
     sensor_timeout_s: int = Field(14 * 60, ge=10)
     ledger_uri: str = "gs://your-bucket/dual-deploy/ledger.json"
+    # A batch whose run failed is retried by the new-data DAG until this many runs failed on it
+    # (data rejected by validation is never retried); a success is never trained again.
+    max_attempts_per_batch: int = Field(3, ge=1, le=20)
 
     @field_validator("incoming_uri", "ledger_uri")
     @classmethod

@@ -57,19 +57,31 @@ def serving_cost(*, region: str, machine_type: str, min_replica_count: int, pric
 def run_cost(summary: dict, cost_inputs: dict, *, region: str, prices: dict | None = None) -> dict:
     """Per-target and total cost of a run. ``cost_inputs[target]`` holds the target's training
     machine settings (and ``endpoint`` settings for endpoint targets); durations come from the
-    summary's steps (``<target>.train``)."""
+    summary's steps (``<target>.train``).
+
+    A machine or accelerator missing from the price table leaves that figure out and adds a line
+    to ``warnings`` (the total then covers only what could be priced: ``complete`` is False).
+    """
     prices = prices or load_prices()
     out: dict = {"currency": prices.get("currency", "USD"), "region": region, "targets": {},
-                 "estimate_only": summary.get("platform") != "gcp", "reference": prices.get("reference", {})}
+                 "estimate_only": summary.get("platform") != "gcp", "reference": prices.get("reference", {}),
+                 "warnings": []}
     total = 0.0
     for name, inputs in cost_inputs.items():
         seconds = (summary.get("steps", {}).get(f"{name}.train") or {}).get("duration_s")
         entry: dict = {}
         if seconds is not None:
-            entry["training"] = training_cost(seconds, region=region, prices=prices, **inputs["training"])
-            total += entry["training"]["usd"]
+            try:
+                entry["training"] = training_cost(seconds, region=region, prices=prices, **inputs["training"])
+                total += entry["training"]["usd"]
+            except PriceError as e:
+                out["warnings"].append(f"{name} training not priced: {e.args[0]}")
         if inputs.get("endpoint"):
-            entry["serving"] = serving_cost(region=region, prices=prices, **inputs["endpoint"])
+            try:
+                entry["serving"] = serving_cost(region=region, prices=prices, **inputs["endpoint"])
+            except PriceError as e:
+                out["warnings"].append(f"{name} serving not priced: {e.args[0]}")
         out["targets"][name] = entry
     out["training_total_usd"] = round(total, 4)
+    out["complete"] = not out["warnings"]
     return out

@@ -7,6 +7,7 @@ from datetime import timedelta
 from airflow.sdk import Param
 
 from dual_deploy.config import Config
+from dual_deploy.failures import record_failure
 from dual_deploy.names import display_name, run_alias, run_label, slug
 
 
@@ -28,6 +29,8 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(minutes=2),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=20),
+    # A task that fails for good leaves its error message for the run summary (failures.py).
+    "on_failure_callback": record_failure,
 }
 
 

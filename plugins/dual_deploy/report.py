@@ -71,6 +71,28 @@ def _pct(x) -> str:
     return f"{x:.1%}" if isinstance(x, int | float) else "n/a"
 
 
+def _alerts(summary: dict) -> list[str]:
+    """What the reader must see first: the first failure, channels out of step, what could not be
+    recorded, warnings, and what happens to this run's data next."""
+    parts = []
+    ff = summary.get("first_failure")
+    if ff:
+        parts.append(f"<div class='alert'><b>Failed at {html.escape(ff['task_id'])}</b>"
+                     f"<pre>{html.escape(str(ff.get('message', '')))}</pre></div>")
+    channels = summary.get("channels") or {}
+    if channels.get("warnings"):
+        parts.append("<div class='alert'><b>Channels out of step</b><ul>"
+                     + "".join(f"<li>{html.escape(w)}</li>" for w in channels["warnings"]) + "</ul></div>")
+    lists = (("Not recorded", summary.get("recording_errors")), ("Warnings", summary.get("warnings")))
+    for title, items in lists:
+        if items:
+            parts.append(f"<p><b>{title}</b></p><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in items)
+                         + "</ul>")
+    if (summary.get("ledger") or {}).get("note"):
+        parts.append(f"<p>Data ledger: {html.escape(summary['ledger']['note'])}</p>")
+    return parts
+
+
 def write_report(summary: dict, histories: dict[str, dict], out_dir: str) -> dict:
     """Write ``index.html`` and its PNGs into ``out_dir``; returns {"html": path, "images": [paths]}."""
     os.makedirs(out_dir, exist_ok=True)
@@ -81,6 +103,7 @@ def write_report(summary: dict, histories: dict[str, dict], out_dir: str) -> dic
         f"<b class='{summary['status']}'>{summary['status'].upper()}</b> &middot; artifacts "
         f"<code>{html.escape(summary.get('artifacts_uri', ''))}</code></p>",
     ]
+    parts += _alerts(summary)
     split = summary.get("split") or {}
     if split:
         parts.append(f"<p>{len(split.get('labels', []))} classes; split {html.escape(str(split.get('counts')))}; "
@@ -124,8 +147,11 @@ def write_report(summary: dict, histories: dict[str, dict], out_dir: str) -> dic
             delivered.append(f"published {p.get('display_name')} version {p.get('version')} ({p.get('backend')})")
         if isinstance(t.get("decision"), dict):
             delivered.append(f"gate: {t['decision'].get('reason')}")
-        if t.get("failed_steps"):
-            delivered.append(f"not delivered: failed/skipped steps {', '.join(t['failed_steps'])}")
+        for step in t.get("failed_steps") or []:
+            step = step if isinstance(step, dict) else {"task_id": step, "message": ""}
+            delivered.append(f"not delivered: {step['task_id']} failed: {step.get('message', '')}")
+        if t.get("not_run"):
+            delivered.append(f"not run: {', '.join(t['not_run'])}")
         if delivered:
             parts.append("<ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in delivered) + "</ul>")
 
@@ -151,7 +177,8 @@ def write_report(summary: dict, histories: dict[str, dict], out_dir: str) -> dic
 
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.success{color:#1a7f37}.failed{color:#cf222e}"
-             "img{max-width:100%;margin:.3em 0}")
+             "img{max-width:100%;margin:.3em 0}.alert{border-left:4px solid #cf222e;padding:.2em .8em;margin:.5em 0}"
+             "pre{white-space:pre-wrap}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>run {html.escape(summary['run_id'])}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     path = os.path.join(out_dir, "index.html")
