@@ -331,13 +331,21 @@ def test_run_on_single_class_data_fails_before_training(airflow_env, gcs_emulato
     assert "found 1 class folder(s)" in text and "need at least 2" in text, _tail(log)
 
     summary_path = state_dir / "run_summary.json"
-    if summary_path.exists():  # run_summary runs whatever happened upstream (all_done)
-        s = json.loads(summary_path.read_text())
-        assert s["status"] == "failed"
-        assert s["steps"]["validate_dataset"]["state"] == "failed"
-        assert s["steps"]["stage_split"]["state"] == "upstream_failed"
-        for t in s["targets"].values():
-            assert t["status"] == "failed" and "metrics" not in t and "model" not in t and "published" not in t
+    assert summary_path.exists(), _tail(log)  # run_summary runs whatever happened upstream (all_done)
+    s = json.loads(summary_path.read_text())
+    assert s["status"] == "failed"
+    assert s["steps"]["validate_dataset"]["state"] == "failed"
+    assert s["steps"]["stage_split"]["state"] == "upstream_failed"
+    for t in s["targets"].values():
+        assert t["status"] == "failed" and "metrics" not in t and "model" not in t and "published" not in t
+    # The real error is what the user sees (issue 15 item 5): first in the summary and in what `make run`
+    # prints, never "cloud.train" (tests/test_failure_reporting.py has more bad-data cases).
+    assert s["first_failure"]["task_id"] == "validate_dataset"
+    assert "found 1 class folder(s)" in s["first_failure"]["message"]
+    console = subprocess.run([str(VENV_BIN / "python"), "-m", "dual_deploy.local_platform", "show-summary",
+                              str(summary_path)], env=airflow_env, capture_output=True, text=True, timeout=120)
+    assert "FAILED at validate_dataset:" in console.stdout and "found 1 class folder(s)" in console.stdout
+    assert ".train" not in console.stdout, console.stdout
 
     # Nothing was trained, registered, deployed or published.
     assert _objects(bucket, "vertex-local/") == []
