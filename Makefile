@@ -8,12 +8,14 @@ DATA ?=
 
 .PHONY: help setup lock tools test test-fast lint run stop bench clean
 .PHONY: composer-bundle composer-upload
+.PHONY: prune
 
 help:
 	@echo "make setup   - create .venv with exactly the versions in requirements.lock (uv, ~1-2 min)"
 	@echo "make lock    - re-compile requirements.lock after editing requirements*.txt (LOCK_ARGS=--upgrade)"
 	@echo "make run     - sample data -> GCS emulator -> Airflow -> dual_deployment DAG (DATA=/path/to/folder to use yours)"
 	@echo "make stop    - stop the emulator and endpoint processes make run started"
+	@echo "make prune   - delete old run artifacts (KEEP=5 newest kept, and whatever serves or is published; DRY_RUN=1)"
 	@echo "make tools   - system tools the tests need (docker-compose, to validate docker-compose.yaml)"
 	@echo "make test    - ruff + the whole test suite"
 	@echo "make bench   - benchmarks -> bench/results.json + README performance table (BENCH_ARGS=--quick)"
@@ -59,6 +61,13 @@ run: setup
 
 stop:
 	@bash scripts/stop_local.sh
+
+# Retention of old run folders under the artifacts root (plugins/dual_deploy/retention.py).
+KEEP ?= 5
+prune: setup
+	@source scripts/local_env.sh && \
+	  python -m dual_deploy.local_platform emulator-start --port "$$GCS_PORT" --state-dir "$$STATE_DIR" >/dev/null && \
+	  python -m dual_deploy.retention --keep $(KEEP) $(if $(DRY_RUN),--dry-run)
 
 # Benchmarks -> bench/results.json + the README performance table (~15 min on 2 cores;
 # BENCH_ARGS="--quick --skip-e2e" for a shorter run).
