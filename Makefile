@@ -8,7 +8,7 @@ DATA ?=
 
 .PHONY: help setup lock tools test test-fast lint run stop bench clean
 .PHONY: composer-bundle composer-upload
-.PHONY: prune
+.PHONY: prune env
 
 help:
 	@echo "make setup   - create .venv with exactly the versions in requirements.lock (uv, ~1-2 min)"
@@ -16,6 +16,7 @@ help:
 	@echo "make run     - sample data -> GCS emulator -> Airflow -> dual_deployment DAG (DATA=/path/to/folder to use yours)"
 	@echo "make stop    - stop the emulator and endpoint processes make run started"
 	@echo "make prune   - delete old run artifacts (KEEP=5 newest kept, and whatever serves or is published; DRY_RUN=1)"
+	@echo "make env     - .env for docker compose with generated secrets (keeps values already set)"
 	@echo "make tools   - system tools the tests need (docker-compose, to validate docker-compose.yaml)"
 	@echo "make test    - ruff + the whole test suite"
 	@echo "make bench   - benchmarks -> bench/results.json + README performance table (BENCH_ARGS=--quick)"
@@ -68,6 +69,9 @@ prune: setup
 	@source scripts/local_env.sh && \
 	  python -m dual_deploy.local_platform emulator-start --port "$$GCS_PORT" --state-dir "$$STATE_DIR" >/dev/null && \
 	  python -m dual_deploy.retention --keep $(KEEP) $(if $(DRY_RUN),--dry-run)
+
+env:
+	@bash scripts/make_env.sh
 
 # Benchmarks -> bench/results.json + the README performance table (~15 min on 2 cores;
 # BENCH_ARGS="--quick --skip-e2e" for a shorter run).

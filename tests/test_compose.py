@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
+MAKE_ENV = ROOT / "scripts" / "make_env.sh"
+SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET")
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 ALL_SERVICES = {"postgres", "airflow-init", "gcs", *AIRFLOW_SERVICES}
 
@@ -31,19 +34,38 @@ def _compose() -> str:
     return exe
 
 
-def _run_compose(*args: str, compose_file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
-    # A clean environment: values must come from the file's defaults (or --env-file), not from
-    # whatever POSTGRES_* / AIRFLOW_* the developer's shell holds.
+def _run_compose(*args: str, compose_file: Path = COMPOSE_FILE, env_file: Path | None = None) -> subprocess.CompletedProcess:
+    # A clean environment: values must come from the file's defaults or the env file given, not from
+    # whatever POSTGRES_* / AIRFLOW_* the developer's shell holds or a developer's own .env.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AIRFLOW", "POSTGRES", "DUAL_DEPLOY", "COMPOSE_", "DOCKER_"))}
-    return subprocess.run([_compose(), "-f", str(compose_file), *args], cwd=compose_file.parent, env=env,
-                          capture_output=True, text=True, timeout=120)
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty:  # no .env at all
+        return subprocess.run([_compose(), "-f", str(compose_file), "--env-file", str(env_file or empty.name), *args],
+                              cwd=compose_file.parent, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _make_env(path: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(MAKE_ENV), str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
 
 
 @pytest.fixture(scope="module")
-def resolved() -> dict:
+def generated_env(tmp_path_factory) -> Path:
+    """A .env written by scripts/make_env.sh, as `make env` writes it."""
+    path = tmp_path_factory.mktemp("compose") / ".env"
+    _make_env(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def resolved(generated_env) -> dict:
     """The configuration as compose resolves it (anchors merged, variables interpolated)."""
-    proc = _run_compose("config")
+    proc = _run_compose("config", env_file=generated_env)
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stdout}\n{proc.stderr}"
     return yaml.safe_load(proc.stdout)
 
@@ -85,23 +107,79 @@ def _command(service: dict) -> str:
 # ---------------------------------------------------------------- validation by the compose tool
 
 
-def test_compose_file_is_valid():
-    proc = _run_compose("config", "-q")
+def test_compose_file_is_valid(generated_env):
+    proc = _run_compose("config", "-q", env_file=generated_env)
     assert proc.returncode == 0, f"docker-compose config -q rejected {COMPOSE_FILE.name}:\n{proc.stderr}"
 
 
-def test_compose_file_is_valid_with_the_example_env_file():
-    proc = _run_compose("--env-file", str(ENV_EXAMPLE), "config", "-q")
-    assert proc.returncode == 0, f"docker-compose config -q with .env.example failed:\n{proc.stderr}"
+@pytest.mark.parametrize("env_file", ["none", "example"])
+def test_compose_refuses_to_start_without_generated_secrets(env_file):
+    """No default JWT secret, no empty Fernet key: without .env (or with the template copied as is)
+    compose stops and says how to make the secrets."""
+    proc = _run_compose("config", "-q", env_file=None if env_file == "none" else ENV_EXAMPLE)
+    assert proc.returncode != 0
+    assert "scripts/make_env.sh" in proc.stderr and any(key in proc.stderr for key in SECRETS), proc.stderr
 
 
-def test_the_validator_rejects_a_broken_file(tmp_path):
+def test_make_env_generates_the_secrets_once_and_keeps_what_is_set(tmp_path):
+    from cryptography.fernet import Fernet
+
+    env_file = tmp_path / ".env"
+    first = _make_env(env_file)
+    assert "generated POSTGRES_PASSWORD AIRFLOW__CORE__FERNET_KEY AIRFLOW__API_AUTH__JWT_SECRET" in first.stdout
+    values = _read_env(env_file)
+    assert set(_env_example()) <= set(values)
+    Fernet(values["AIRFLOW__CORE__FERNET_KEY"].encode())  # a valid key
+    assert len(values["AIRFLOW__API_AUTH__JWT_SECRET"]) >= 32 and len(values["POSTGRES_PASSWORD"]) >= 32
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", values["POSTGRES_PASSWORD"])  # safe inside the database URL
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+
+    assert "nothing changed" in _make_env(env_file).stdout and _read_env(env_file) == values
+    # A value the user set is kept; an empty or change-me one is generated; another file gets other secrets.
+    text = env_file.read_text()
+    text = text.replace(f"POSTGRES_PASSWORD={values['POSTGRES_PASSWORD']}", "POSTGRES_PASSWORD=mine")
+    text = text.replace(f"AIRFLOW__API_AUTH__JWT_SECRET={values['AIRFLOW__API_AUTH__JWT_SECRET']}",
+                        "AIRFLOW__API_AUTH__JWT_SECRET=change-me-to-a-long-random-string")
+    env_file.write_text(text.replace(f"AIRFLOW__CORE__FERNET_KEY={values['AIRFLOW__CORE__FERNET_KEY']}\n", ""))
+    assert "generated AIRFLOW__CORE__FERNET_KEY AIRFLOW__API_AUTH__JWT_SECRET" in _make_env(env_file).stdout
+    again = _read_env(env_file)
+    assert again["POSTGRES_PASSWORD"] == "mine"
+    assert again["AIRFLOW__API_AUTH__JWT_SECRET"] not in ("", values["AIRFLOW__API_AUTH__JWT_SECRET"])
+    assert not again["AIRFLOW__API_AUTH__JWT_SECRET"].startswith("change-me")
+    Fernet(again["AIRFLOW__CORE__FERNET_KEY"].encode())
+    other = tmp_path / "other.env"
+    _make_env(other)
+    assert _read_env(other)["AIRFLOW__CORE__FERNET_KEY"] != values["AIRFLOW__CORE__FERNET_KEY"]
+
+
+def test_secrets_reach_every_component(resolved, generated_env):
+    values = _read_env(generated_env)
+    for name in ("airflow-init", *AIRFLOW_SERVICES):
+        env = _env(resolved["services"][name])
+        assert env["AIRFLOW__CORE__FERNET_KEY"] == values["AIRFLOW__CORE__FERNET_KEY"], name
+        assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == values["AIRFLOW__API_AUTH__JWT_SECRET"], name
+        assert f":{values['POSTGRES_PASSWORD']}@postgres/" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], name
+    assert _env(resolved["services"]["postgres"])["POSTGRES_PASSWORD"] == values["POSTGRES_PASSWORD"]
+
+
+def test_every_published_port_is_bound_to_localhost(resolved):
+    """The GCS emulator and the endpoint have no authentication: never on all interfaces."""
+    published = []
+    for name, service in resolved["services"].items():
+        for p in service.get("ports") or []:
+            host_ip = p.get("host_ip") if isinstance(p, dict) else (str(p).split(":")[0] if str(p).count(":") == 2 else "")
+            published.append((name, str(p)))
+            assert host_ip == "127.0.0.1", f"{name} publishes {p} on all interfaces"
+    assert {n for n, _ in published} >= {"gcs", "scheduler", "api-server"}, published
+
+
+def test_the_validator_rejects_a_broken_file(tmp_path, generated_env):
     """The check above is not vacuous: the same tool rejects a dependency on an undefined service."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     raw["services"]["triggerer"]["depends_on"] = {"no-such-service": {"condition": "service_started"}}
     broken = tmp_path / "docker-compose.yaml"
     broken.write_text(yaml.safe_dump(raw))
-    proc = _run_compose("config", "-q", compose_file=broken)
+    proc = _run_compose("config", "-q", compose_file=broken, env_file=generated_env)
     assert proc.returncode != 0 and "no-such-service" in proc.stderr, proc.stderr
 
 
@@ -211,8 +289,8 @@ def test_env_example_holds_no_real_secret():
 def test_env_example_covers_the_variables_compose_reads():
     """Every ${VAR} the compose file interpolates without a default is in .env.example."""
     text = COMPOSE_FILE.read_text()
-    required = {m.group(1) for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)}
-    referenced = {m.group(1) for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-[^}]*)?\}", text)}
+    required = {m.group(1) for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?\?[^}]*)?\}", text)}
+    referenced = {m.group(1) for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}", text)}
     values = _env_example()
     assert required <= set(values), f"set in .env.example: {sorted(required - set(values))}"
     unknown = set(values) - referenced
