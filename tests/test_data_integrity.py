@@ -536,3 +536,23 @@ def test_trainer_removes_its_scratch_folder_even_when_the_job_fails(gcs_emulator
     assert "does not exist" in proc.stdout
     assert "test accuracy=" in proc.stdout  # it did train and evaluate: the scratch folder was in use
     assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("dualml-train-")) == []
+
+
+def test_validate_dataset_reads_in_parallel_without_overflowing_the_connection_pool(admin, bucket, monkeypatch,
+                                                                                   caplog, capfd):
+    """Issue 14, the Airflow side: validate_dataset's 16 parallel reads through GCSHook."""
+    monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", json.dumps(
+        {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True, "project": "local-project"}}))
+    from dual_deploy.operators.dataset import ValidateDatasetOperator
+
+    b = admin.bucket(bucket)
+    for cls in ("daisy", "tulips"):
+        for i in range(30):
+            b.blob(f"flowers/{cls}/{i}.jpg").upload_from_string(_jpeg(i, size=32))
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        out = ValidateDatasetOperator(task_id="validate_dataset", data_uri=f"gs://{bucket}/flowers").execute({})
+    assert out["num_images"] == 60
+    full = [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()]
+    printed = "".join(capfd.readouterr())  # Airflow's task logger may print instead of propagating
+    assert not full and "pool is full" not in printed, (full[:3], printed[-2000:])

@@ -84,7 +84,7 @@ def make_client(http=None):
         )
     else:
         client = storage.Client(**kwargs)
-    _size_connection_pool(client._http)
+    size_connection_pool(client._http)
     if getattr(client, "_bucket_metadata_cache", None) is not None:
         # google-cloud-storage >= 3.10 GETs each bucket's metadata in a background thread to label
         # telemetry spans: a storage.buckets.get that object roles lack (a 403 per process in the
@@ -98,7 +98,7 @@ def _client():
     return make_client()
 
 
-def _size_connection_pool(session) -> None:
+def size_connection_pool(session) -> None:
     """Give the client's requests session a pool as large as our thread count."""
     import requests
 

@@ -14,7 +14,9 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dual_deploy.hooks.gcs_io import GcsIO
 from dual_deploy.operators.base import DictOutputOperator
-from dualml import dataset
+from dualml import dataset, storage
+
+READ_THREADS = 16  # parallel image reads (<= storage.HTTP_POOL_SIZE)
 
 
 def dataset_fingerprint(io: GcsIO, data_uri: str) -> str:
@@ -88,7 +90,9 @@ class ValidateDatasetOperator(DictOutputOperator):
         data_uri = self.data_uri.rstrip("/")
         by_class, skipped = _locate(io, data_uri)
         all_files = [f for fs in by_class.values() for f in fs]
-        with ThreadPoolExecutor(max_workers=16) as pool:
+        # One pooled connection per reader thread (requests' default pool of 10 made urllib3 warn and reconnect).
+        storage.size_connection_pool(io.hook.get_conn()._http)
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             contents = dict(zip(all_files, pool.map(io.read_bytes, all_files), strict=True))
         try:
             _, report = dataset.validate(
