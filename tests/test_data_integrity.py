@@ -272,10 +272,15 @@ def test_download_cache_follows_changed_bytes_under_the_same_name_and_size(admin
     b.blob("data/daisy/0.jpg").upload_from_string(new)
     second = storage.download_cached([uri], cache)[uri]
     assert Path(second).read_bytes() == new, "the cache served stale bytes"
-    # Unchanged content is not fetched again (same path, file untouched).
-    before = os.stat(second).st_mtime_ns
-    assert storage.download_cached([uri], cache)[uri] == second and os.stat(second).st_mtime_ns == before
+    # Unchanged content is not fetched again (same path, same file: a download would rename a new one in).
+    before = os.stat(second).st_ino
+    assert storage.download_cached([uri], cache)[uri] == second and os.stat(second).st_ino == before
     assert not [p for p in Path(cache).rglob(".part-*")], "no partial downloads are left behind"
+    # The old version stays while a concurrent job may still read it, then goes: one copy per object.
+    assert Path(first).exists()
+    storage.download_cached([uri], cache, stale_after_s=0)
+    assert not Path(first).exists() and Path(second).read_bytes() == new
+    assert [p.name for p in Path(cache).rglob("*") if p.is_file()] == [Path(second).name]
 
 
 def test_download_cache_never_trusts_a_partial_file(admin, bucket, tmp_path):

@@ -19,6 +19,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -328,7 +329,27 @@ def _file_digest(path: str, kind: str) -> str:
     return c.digest().hex()
 
 
-def download_cached(uris: list[str], cache_dir: str, threads: int = DOWNLOAD_THREADS) -> dict[str, str]:
+def _cache_path(cache_dir: str, obj: ObjectInfo) -> str:
+    bucket, name = split_gcs(obj.uri)
+    slot = hashlib.sha1(name.encode()).hexdigest()[:16]  # noqa: S324 - a folder name, not security
+    return os.path.join(cache_dir, bucket, slot, f"{obj.content_key}-{os.path.basename(name)[-100:]}")
+
+
+def _evict_stale(slot_dir: str, keep: str, stale_after_s: float, now: float) -> None:
+    """Remove other versions / partial downloads in one object's cache folder unused for ``stale_after_s``."""
+    with os.scandir(slot_dir) as entries:
+        for entry in entries:
+            if entry.path == keep:
+                continue
+            try:
+                if now - entry.stat().st_mtime >= stale_after_s:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # another job evicted it first
+
+
+def download_cached(uris: list[str], cache_dir: str, threads: int = DOWNLOAD_THREADS,
+                    stale_after_s: float = 3600) -> dict[str, str]:
     """Local copies of gs:// objects in a cache keyed by *content*; returns {uri: local path}.
 
     The listing (one request per 1000 objects) gives every object's MD5/CRC32C for free, so a
@@ -336,6 +357,11 @@ def download_cached(uris: list[str], cache_dir: str, threads: int = DOWNLOAD_THR
     unchanged files are never re-downloaded. Each copy is written to a temporary name, checked
     against the listed hash and renamed into place, so an interrupted or raced download never
     leaves a wrong file that a later run would trust.
+
+    Layout: ``<cache>/<bucket>/<hash of the name>/<content key>-<basename>``. Older versions of an
+    object (and leftovers of killed downloads) not used for ``stale_after_s`` are deleted, so the
+    cache holds about one copy per object however often the data changes; the grace period keeps
+    the version a concurrent job (the other target, trained from the same cache) still reads.
     """
     by_bucket: dict[str, list[str]] = {}
     for u in uris:
@@ -349,7 +375,7 @@ def download_cached(uris: list[str], cache_dir: str, threads: int = DOWNLOAD_THR
             if u not in listed:
                 raise StorageError(f"{u} does not exist (listed under gs://{bucket}/{_common_dir(paths)})")
             info[u] = listed[u]
-    mapping = {u: os.path.join(cache_dir, split_gcs(u)[0], o.content_key, os.path.basename(u)) for u, o in info.items()}
+    mapping = {u: _cache_path(cache_dir, o) for u, o in info.items()}
 
     def fetch(u: str) -> None:
         target, obj = mapping[u], info[u]
@@ -373,4 +399,8 @@ def download_cached(uris: list[str], cache_dir: str, threads: int = DOWNLOAD_THR
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, min(threads, HTTP_POOL_SIZE))) as pool:
             list(pool.map(fetch, todo))
+    now = time.time()
+    for path in set(mapping.values()):
+        os.utime(path, (now, now))  # mtime = last use: what eviction looks at
+        _evict_stale(os.path.dirname(path), path, stale_after_s, now)
     return mapping
