@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: help setup lock tools test test-fast lint run stop bench clean
+.PHONY: help setup lock tools test test-fast test-ui lint run stop up down trigger status bench clean
 .PHONY: composer-bundle composer-upload
 .PHONY: prune env
 
@@ -17,7 +17,10 @@ help:
 	@echo "make stop    - stop the emulator and endpoint processes make run started"
 	@echo "make prune   - delete old run artifacts (KEEP=5 newest kept, and whatever serves or is published; DRY_RUN=1)"
 	@echo "make env     - .env for docker compose with generated secrets (keeps values already set)"
-	@echo "make tools   - system tools the tests need (docker-compose, to validate docker-compose.yaml)"
+	@echo "make up      - Airflow 3 UI on http://localhost:8080 + local cloud as processes (UNPAUSE=1, API_PORT=...)"
+	@echo "make trigger - trigger dual_deployment on the make-up stack and follow it (CONF='{\"targets\": [\"mobile\"]}')"
+	@echo "make down    - stop everything make up started"
+	@echo "make tools   - system tools the tests need (docker-compose; chromium for the browser test)"
 	@echo "make test    - ruff + the whole test suite"
 	@echo "make bench   - benchmarks -> bench/results.json + README performance table (BENCH_ARGS=--quick)"
 	@echo "make composer-bundle - build/composer/{dags,plugins}: what Cloud Composer's folders get"
@@ -50,12 +53,22 @@ tools:
 	    echo "==> installing docker-compose (apt-get)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
 	  else echo "docker-compose is missing: run 'sudo apt-get install docker-compose'" >&2; fi; }
+	@# Debian's Chromium for tests/test_ui_browser.py (Playwright drives it; it never downloads a browser).
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "==> installing chromium (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing (the browser test needs it): run 'sudo apt-get install chromium'" >&2; fi; }
 
 test: setup tools lint
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The Airflow UI in Chromium against a make-up stack of its own (free ports; part of `make test` too).
+test-ui: setup tools
+	$(PY) -m pytest -q tests/test_ui_browser.py
 
 run: setup
 	@bash scripts/run_local.sh "$(DATA)"
@@ -73,6 +86,22 @@ prune: setup
 env:
 	@bash scripts/make_env.sh
 
+# The local Airflow stack (api-server, scheduler, dag-processor, triggerer + local cloud) as processes;
+# state in .state/ (AIRFLOW_HOME .state/airflow-up). Ports: API_PORT (8080), GCS_PORT (9023),
+# LOG_PORT (8793), TRIGGER_LOG_PORT (8794). UNPAUSE=1 unpauses both DAGs (their schedules start).
+up: setup
+	@API_PORT=$(API_PORT) LOG_PORT=$(LOG_PORT) TRIGGER_LOG_PORT=$(TRIGGER_LOG_PORT) $(if $(GCS_PORT),GCS_PORT=$(GCS_PORT)) \
+	  UNPAUSE=$(UNPAUSE) bash scripts/stack.sh up "$(DATA)"
+
+down:
+	@bash scripts/stack.sh down
+
+status:
+	@bash scripts/stack.sh status
+
+trigger:
+	@DAG=$(or $(DAG),dual_deployment) bash scripts/stack.sh trigger '$(or $(CONF),{})'
+
 # Benchmarks -> bench/results.json + the README performance table (~15 min on 2 cores;
 # BENCH_ARGS="--quick --skip-e2e" for a shorter run).
 bench: setup
@@ -87,5 +116,5 @@ composer-upload:
 	@test -n "$(COMPOSER_ENV)" -a -n "$(COMPOSER_LOCATION)" || { echo "usage: make composer-upload COMPOSER_ENV=<environment> COMPOSER_LOCATION=<region>" >&2; exit 2; }
 	@bash scripts/composer_bundle.sh "$(COMPOSER_BUNDLE)" "$(COMPOSER_ENV)" "$(COMPOSER_LOCATION)"
 
-clean: stop
+clean: down
 	rm -rf .state data

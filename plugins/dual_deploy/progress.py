@@ -110,7 +110,7 @@ def follow(source: Source, out: Callable[[str], None] = print, interval_s: float
     (one last look first; returns the run's state then, or None when no run was seen)."""
     t0 = time.monotonic()
     printed: set[tuple[str, int]] = set()
-    announced = False
+    announced: str | None = None  # the run state last announced ("queued", "running")
     last: Snapshot | None = None
     while True:
         stopping = stop()
@@ -120,9 +120,10 @@ def follow(source: Source, out: Callable[[str], None] = print, interval_s: float
             snap = None
         if snap is not None:
             last = snap
-            if not announced:
-                out(f"[{_clock(time.monotonic() - t0)}] run {snap.run_id} started")
-                announced = True
+            if snap.state in ("queued", "running") and snap.state != announced:
+                what = "started" if snap.state == "running" else "queued (waits for an earlier run or a free slot)"
+                out(f"[{_clock(time.monotonic() - t0)}] run {snap.run_id} {what}")
+                announced = snap.state
             done = [t for t in snap.tasks if t.state in FINISHED and (t.task_id, t.map_index) not in printed]
             for task in sorted(done, key=lambda t: (t.end or "~", t.task_id)):
                 out(task_line(task, time.monotonic() - t0))
