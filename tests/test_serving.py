@@ -306,7 +306,7 @@ def test_merged_model_calls_give_the_same_predictions_as_one_by_one(model_dir, r
             return super().predict(images)
 
     predictor = HeldPredictor(model_dir)
-    with serve(lambda: predictor, ServingOptions(warm_up=False, max_batch_size=64)) as (url, state):
+    with serve(lambda: predictor, ServingOptions(warm_up=False, max_batch_size=64, batch_threads=1)) as (url, state):
         wait_for(lambda: state.status == "ready", "the model")
         with ThreadPoolExecutor(len(MIXES) + 1) as pool:
             first = pool.submit(_request, url + "/predict", "POST", {"instances": [{"b64": _b64(JPEG)}]})

@@ -49,8 +49,10 @@ class EchoModel:
         self.entered = threading.Event()  # a call is being made (and maybe held at the gate)
         self._lock = threading.Lock()
 
-    def check_image(self, data: bytes) -> str | None:
-        return "not a decodable image (JPEG or PNG expected): fake" if data.startswith(b"BAD") else None
+    def check_image(self, data: bytes, thorough: bool = False) -> str | None:
+        if data.startswith(b"BAD") or (thorough and data.startswith(b"LATE")):
+            return "not a decodable image (JPEG or PNG expected): fake"
+        return None
 
     def predict(self, images: list[bytes]) -> list[dict]:
         names = [b.decode() for b in images]
@@ -58,8 +60,8 @@ class EchoModel:
             self.calls.append(names)
         self.entered.set()
         self.gate.wait(WAIT_S)
-        if any(n.startswith("POISON") for n in names):
-            raise RuntimeError("model exploded on POISON")
+        if any(n.startswith(("POISON", "LATE")) for n in names):
+            raise RuntimeError(f"model exploded on {names}")
         return [{"label": n, "confidence": 1.0, "class_index": 0, "probabilities": {"a": 1.0, "b": 0.0}}
                 for n in names]
 
@@ -156,7 +158,7 @@ def test_a_model_that_fails_to_load_is_reported_and_ends_the_server():
 
 def test_concurrent_requests_share_model_calls_and_each_gets_its_own_predictions():
     model = EchoModel()
-    options = ServingOptions(warm_up=False, max_batch_size=6, batch_timeout_ms=0)
+    options = ServingOptions(warm_up=False, max_batch_size=6, batch_timeout_ms=0, batch_threads=1)
     sizes = {"r1": 4, "r2": 4, "r3": 2}  # 4 + 4 would overflow a batch of 6; a split would fill it
     with serve(lambda: model, options) as (url, state):
         wait_for(lambda: state.status == "ready", "the model")
@@ -185,9 +187,25 @@ def test_concurrent_requests_share_model_calls_and_each_gets_its_own_predictions
         assert len(holding) == 1 and sum(x.startswith(name + "-") for x in holding[0]) == n
 
 
+def test_batch_threads_keep_that_many_model_calls_in_flight():
+    model = EchoModel()
+    options = ServingOptions(warm_up=False, batch_timeout_ms=0, batch_threads=2, max_batch_size=1)
+    with serve(lambda: model, options) as (url, state):
+        wait_for(lambda: state.status == "ready", "the model")
+        model.gate.clear()
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(request, url + "/predict", "POST", instances(f"c{i}")) for i in range(3)]
+            wait_for(lambda: len(model.calls) == 2, "two model calls at once")
+            wait_for(lambda: state.batcher.queued_requests == 1, "the third request to queue")
+            assert len(model.calls) == 2  # no third call while both threads are busy
+            model.gate.set()
+            assert sorted(labels(f.result()[1])[0] for f in futures) == ["c0", "c1", "c2"]
+
+
 def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
     model = EchoModel()
-    with serve(lambda: model, ServingOptions(warm_up=False, batch_timeout_ms=0)) as (url, state):
+    options = ServingOptions(warm_up=False, batch_timeout_ms=0, batch_threads=1)
+    with serve(lambda: model, options) as (url, state):
         wait_for(lambda: state.status == "ready", "the model")
         model.gate.clear()
         model.entered.clear()
@@ -214,7 +232,8 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it():
 
 def test_requests_beyond_the_concurrency_limit_get_503_at_once_and_health_stays_up():
     model = EchoModel()
-    options = ServingOptions(warm_up=False, max_concurrent_requests=3, max_batch_size=1, batch_timeout_ms=0)
+    options = ServingOptions(warm_up=False, max_concurrent_requests=3, max_batch_size=1, batch_timeout_ms=0,
+                             batch_threads=1)
     with serve(lambda: model, options) as (url, state):
         wait_for(lambda: state.status == "ready", "the model")
         model.gate.clear()
@@ -339,6 +358,15 @@ def test_a_stalled_body_times_out_with_408():
         assert state.admitted == 0
 
 
+def test_an_image_only_the_model_rejects_is_a_400_naming_it(echo_server):
+    """The quick check reads headers only; when the model's own decoder fails, the request's images
+    are fully checked to explain it as a client error, and the requests batched with it succeed."""
+    url, _ = echo_server
+    status, body, _ = request(url + "/v1/m:predict", "POST", instances("fine", "LATE-truncated"))
+    assert status == 400 and body["error"].startswith("instance 1: not a decodable image"), body
+    assert request(url + "/v1/m:predict", "POST", instances("fine"))[0] == 200
+
+
 def test_errors_keep_the_contract(echo_server):
     url, model = echo_server
     status, body, _ = request(url + "/v1/m:predict", "POST", instances("ok", "BADimage"))
@@ -371,7 +399,7 @@ def test_keep_alive_connection_survives_client_errors(echo_server):
 
 def test_internal_errors_are_500_and_the_server_keeps_serving():
     class Broken(EchoModel):
-        def check_image(self, data):
+        def check_image(self, data, thorough=False):
             raise RuntimeError("decoder exploded")
 
     with serve(lambda: Broken()) as (url, state):

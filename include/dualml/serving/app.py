@@ -55,6 +55,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # Tuned with `make bench` on 2 cores (DenseNet121): see docs/design.md, "Serving".
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_TIMEOUT_MS = 5.0
+DEFAULT_BATCH_THREADS = 2
 DEFAULT_MAX_CONCURRENT_REQUESTS = 64
 DEFAULT_BODY_TIMEOUT_S = 60.0
 # A declared body up to this size past the limit is discarded by uvicorn as it arrives, so a
@@ -67,7 +68,7 @@ class PredictorLike(Protocol):
     labels: list[str]
     version: str | None
 
-    def check_image(self, data: bytes) -> str | None: ...
+    def check_image(self, data: bytes, thorough: bool = False) -> str | None: ...
 
     def predict(self, images: list[bytes]) -> list[dict]: ...
 
@@ -80,14 +81,15 @@ class ServingOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_timeout_ms: float = DEFAULT_BATCH_TIMEOUT_MS
+    batch_threads: int = DEFAULT_BATCH_THREADS
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     parse_threads: int = 4
     warm_up: bool = True
 
     def check(self) -> None:
-        for name in ("max_instances", "max_body_bytes", "max_batch_size", "max_concurrent_requests",
-                     "parse_threads"):
+        for name in ("max_instances", "max_body_bytes", "max_batch_size", "batch_threads",
+                     "max_concurrent_requests", "parse_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_timeout_ms < 0 or self.body_timeout_s <= 0:
@@ -147,6 +149,7 @@ def create_app(
                 predictor.predict,
                 max_batch_size=options.max_batch_size,
                 timeout_s=options.batch_timeout_ms / 1000,
+                threads=options.batch_threads,
             )
         except BaseException as e:  # noqa: BLE001 - reported, then the process exits
             state.error = f"{type(e).__name__}: {e}" if not str(e) else str(e)
@@ -161,9 +164,10 @@ def create_app(
         state.ready_after_s = time.monotonic() - state.started_at
         state.status = "ready"
         log.info(
-            "model ready after %.1f s: %d labels (%s), version %s; batching up to %d instances, %g ms wait",
+            "model ready after %.1f s: %d labels (%s), version %s; batching up to %d instances, %g ms wait, "
+            "%d model calls at a time",
             state.ready_after_s, len(predictor.labels), ", ".join(predictor.labels), predictor.version,
-            options.max_batch_size, options.batch_timeout_ms,
+            options.max_batch_size, options.batch_timeout_ms, options.batch_threads,
             extra={FIELDS_ATTR: {"ready_after_s": round(state.ready_after_s, 2)}},
         )
 
@@ -204,12 +208,16 @@ def create_app(
             "rejected": state.rejected,
         })
 
-    def parse(body: bytes) -> list[bytes]:
-        images = parse_predict_body(body, options.max_instances)
+    def check(images: list[bytes], thorough: bool = False) -> None:
         predictor = state.predictor
-        problems = [f"instance {i}: {p}" for i, data in enumerate(images) if (p := predictor.check_image(data))]
+        problems = [f"instance {i}: {p}" for i, data in enumerate(images)
+                    if (p := predictor.check_image(data, thorough=thorough))]
         if problems:
             raise RequestError(400, "; ".join(problems))
+
+    def parse(body: bytes) -> list[bytes]:
+        images = parse_predict_body(body, options.max_instances)
+        check(images)
         return images
 
     async def predict(request: Request) -> Response:
@@ -226,17 +234,24 @@ def create_app(
                 {"Retry-After": "1"},
             )
         batcher = state.batcher
+        loop = asyncio.get_running_loop()
         state.admitted += 1
         batcher.expect()
         submitted = False
         try:
             body = await _read_body(request, options)
             _note(request, request_bytes=len(body))
-            images = await asyncio.get_running_loop().run_in_executor(parse_pool, parse, body)
-            _note(request, instances=len(images))
+            parse_start = time.perf_counter()
+            images = await loop.run_in_executor(parse_pool, parse, body)
+            _note(request, instances=len(images), parse_ms=round((time.perf_counter() - parse_start) * 1000, 2))
             future = batcher.submit(images)
             submitted = True
-            result = await asyncio.wrap_future(future)
+            try:
+                result = await asyncio.wrap_future(future)
+            except Exception:
+                # Most often an image only the model's decoder rejects (a truncated JPEG): name it (400).
+                await loop.run_in_executor(parse_pool, check, images, True)
+                raise
         except RequestError as e:
             _note(request, error=e.message)
             return _json_response(e.status, error_json(e.message), {"Connection": "close"} if e.close else None)
@@ -254,7 +269,8 @@ def create_app(
             state.admitted -= 1
             if not submitted:
                 batcher.forget()
-        _note(request, batch_size=result.batch_size, batch_requests=result.batch_requests)
+        _note(request, batch_size=result.batch_size, batch_requests=result.batch_requests,
+              queue_ms=round(result.queue_s * 1000, 2), model_ms=round(result.model_s * 1000, 2))
         headers = {"X-Model-Version": str(state.predictor.version)} if state.predictor.version else None
         return _json_response(200, {"predictions": result.outputs}, headers)
 

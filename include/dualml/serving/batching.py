@@ -38,12 +38,15 @@ class BatchResult:
     outputs: list
     batch_size: int  # instances in the model call this request was part of
     batch_requests: int  # requests in that call
+    queue_s: float = 0.0  # from submit() to the start of that call
+    model_s: float = 0.0  # the call itself
 
 
 @dataclass
 class _Pending:
     items: Sequence
     future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 class BatcherStopped(RuntimeError):
@@ -53,7 +56,9 @@ class BatcherStopped(RuntimeError):
 class DynamicBatcher:
     """Merge concurrent ``submit()`` calls into calls of ``predict(items) -> outputs`` (same order).
 
-    ``predict`` runs on one worker thread (the model already uses every core for one call).
+    ``predict`` runs on ``threads`` worker threads, each forming and running its own batches (TF
+    Serving's ``num_batch_threads``): on 2 cores one TensorFlow call leaves CPU idle between its
+    ops, so two calls in flight get more done than one (see docs/design.md, "Serving").
     If a merged call raises, each request in it is retried alone so that one bad request fails
     only itself.
     """
@@ -64,12 +69,15 @@ class DynamicBatcher:
         *,
         max_batch_size: int,
         timeout_s: float,
+        threads: int = 1,
         name: str = "dualml-batcher",
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if timeout_s < 0:
             raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
@@ -77,9 +85,10 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._expected = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.batches = 0  # model calls made (for logs and tests)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
 
     # --- producer side (any thread) ------------------------------------------------------
     def expect(self) -> None:
@@ -113,11 +122,13 @@ class DynamicBatcher:
             return len(self._queue)
 
     def stop(self, timeout_s: float = 30) -> None:
-        """Finish what is queued, then end the worker thread."""
+        """Finish what is queued, then end the worker threads."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout_s)
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # --- the worker --------------------------------------------------------------------------
     def _next_batch(self) -> list[_Pending] | None:
@@ -141,6 +152,7 @@ class DynamicBatcher:
                 if self._expected <= 0 or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
+            self.batches += 1
             return batch
 
     def _run(self) -> None:
@@ -154,7 +166,7 @@ class DynamicBatcher:
 
     def _call(self, batch: list[_Pending]) -> None:
         items = [item for p in batch for item in p.items]
-        self.batches += 1
+        start = time.perf_counter()
         try:
             outputs = self._predict(items)
             if len(outputs) != len(items):
@@ -167,17 +179,22 @@ class DynamicBatcher:
             for p in batch:
                 self._call_alone(p)
             return
-        start = 0
+        model_s = time.perf_counter() - start
+        offset = 0
         for p in batch:
             n = len(p.items)
-            p.future.set_result(BatchResult(outputs[start : start + n], len(items), len(batch)))
-            start += n
+            p.future.set_result(BatchResult(outputs[offset : offset + n], len(items), len(batch),
+                                            start - p.submitted, model_s))
+            offset += n
 
     def _call_alone(self, p: _Pending) -> None:
-        self.batches += 1
+        start = time.perf_counter()
         try:
             outputs = self._predict(list(p.items))
+            if len(outputs) != len(p.items):
+                raise RuntimeError(f"model returned {len(outputs)} outputs for {len(p.items)} inputs")
         except Exception as e:
             p.future.set_exception(e)
         else:
-            p.future.set_result(BatchResult(outputs, len(p.items), 1))
+            p.future.set_result(BatchResult(outputs, len(p.items), 1, start - p.submitted,
+                                            time.perf_counter() - start))

@@ -7,7 +7,8 @@ Environment (set by Vertex AI; the flags of ``--help`` override them):
   (from gs:// only the serving files are downloaded, through dualml.storage / STORAGE_EMULATOR_HOST)
 - ``MODEL_VERSION`` / ``AIP_DEPLOYED_MODEL_ID``: the ``X-Model-Version`` response header when the
   model directory has no ``model_version.txt``
-- ``SERVING_MAX_BATCH_SIZE`` (8), ``SERVING_BATCH_TIMEOUT_MS`` (5): dynamic batching
+- ``SERVING_MAX_BATCH_SIZE`` (8), ``SERVING_BATCH_TIMEOUT_MS`` (5), ``SERVING_BATCH_THREADS`` (2):
+  dynamic batching (most instances per model call, longest wait for more, model calls at a time)
 - ``SERVING_MAX_CONCURRENT_REQUESTS`` (64): predict requests admitted at once, then 503
 - ``SERVING_MAX_INSTANCES`` (64), ``SERVING_MAX_BODY_BYTES`` (1.5 MiB, Vertex's online request
   limit), ``SERVING_MAX_IMAGE_PIXELS`` (40e6, 0 = no limit)
@@ -33,6 +34,7 @@ import tempfile
 import time
 
 from dualml.serving.app import (
+    DEFAULT_BATCH_THREADS,
     DEFAULT_BATCH_TIMEOUT_MS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_BODY_BYTES,
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-timeout-ms", type=float, default=_env("SERVING_BATCH_TIMEOUT_MS", DEFAULT_BATCH_TIMEOUT_MS),
         help="longest wait for requests on their way to join a batch "
              f"($SERVING_BATCH_TIMEOUT_MS, {DEFAULT_BATCH_TIMEOUT_MS:g})")
+    add("--batch-threads", type=int, default=_env("SERVING_BATCH_THREADS", DEFAULT_BATCH_THREADS),
+        help=f"model calls in flight at a time ($SERVING_BATCH_THREADS, {DEFAULT_BATCH_THREADS})")
     add("--max-concurrent-requests", type=int,
         default=_env("SERVING_MAX_CONCURRENT_REQUESTS", DEFAULT_MAX_CONCURRENT_REQUESTS),
         help="predict requests admitted at once; more get 503 + Retry-After "
@@ -165,6 +169,7 @@ def _serve(args) -> int:
         max_body_bytes=args.max_body_bytes,
         max_batch_size=args.max_batch_size,
         batch_timeout_ms=args.batch_timeout_ms,
+        batch_threads=args.batch_threads,
         max_concurrent_requests=args.max_concurrent_requests,
     )
     try:
