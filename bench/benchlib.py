@@ -358,18 +358,7 @@ def render_table(results: dict) -> str:
     ep = b.get("endpoint_latency") or {}
     if ep.get("error"):
         rows.append(("endpoint", f"error: {ep['error']}", "", ""))
-    for c in ep.get("concurrency", []):
-        h, p = c.get("http") or {}, c.get("in_process") or {}
-        health = c.get("http_health") or {}
-        health_txt = f"; `GET /health` p50 {_f(health.get('p50_ms'), '{:.1f} ms')}" if health else ""
-        rows.append((
-            f"endpoint {ep.get('architecture')} {ep.get('image_size')} px, {c['clients']} client(s)",
-            f"HTTP p50/p99 {_f(h.get('p50_ms'), '{:.1f}')}/{_f(h.get('p99_ms'), '{:.1f} ms')}, "
-            f"{_f(h.get('req_s'), '{:.1f} req/s')}{health_txt}",
-            f"in-process p50/p99 {_f(p.get('p50_ms'), '{:.1f}')}/{_f(p.get('p99_ms'), '{:.1f} ms')}, "
-            f"{_f(p.get('req_s'), '{:.1f} calls/s')}",
-            f"p50 {_x(c.get('p50_ratio'))}, throughput {_x(c.get('throughput_ratio'))}",
-        ))
+    rows += _endpoint_rows(ep)
 
     for r in rows:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |")
@@ -380,6 +369,63 @@ def render_table(results: dict) -> str:
         lines.append("")
         lines += [f"- {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _met(targets: dict, name: str) -> str:
+    t = targets.get(name)
+    if not t or t.get("met") is None:
+        return ""
+    return f" (target {t['limit']}: {'met' if t['met'] else 'MISSED'})"
+
+
+def _load(level: dict) -> str:
+    la = level.get("load_average_1m")
+    return f"; load {la[0]}-{la[1]}" if la else ""
+
+
+def _endpoint_rows(ep: dict) -> list[tuple[str, str, str, str]]:
+    """Endpoint rows: 1 and 8 clients side by side with the in-process signature, then the soak."""
+    rows = []
+    targets = ep.get("targets") or {}
+    name = f"endpoint {ep.get('architecture')} {ep.get('image_size')} px"
+    for c in ep.get("concurrency", []):
+        h, p = c.get("http") or {}, c.get("in_process") or {}
+        health = c.get("http_health") or {}
+        extra = f"; `GET /health` p50 {_f(health.get('p50_ms'), '{:.1f} ms')}" if health else ""
+        batch = (c.get("server") or {}).get("mean_batch_size")
+        extra += f"; server batch {_f(batch, '{:.1f}')} mean" if batch and c["clients"] > 1 else ""
+        ratio_txt = f"p50 {_x(c.get('p50_ratio'))}{_met(targets, 'p50_ratio_1_client') if c['clients'] == 1 else ''}, "
+        ratio_txt += f"throughput {_x(c.get('throughput_ratio'))}"
+        if c["clients"] == 8:
+            ratio_txt += _met(targets, "throughput_ratio_8_clients")
+            ratio_txt += f"; HTTP p99/p50 {_f(c.get('http_p99_over_p50'))}{_met(targets, 'p99_over_p50_8_clients')}"
+        rows.append((
+            f"{name}, {c['clients']} client(s)",
+            f"HTTP p50/p99 {_f(h.get('p50_ms'), '{:.1f}')}/{_f(h.get('p99_ms'), '{:.1f} ms')}, "
+            f"{_f(h.get('req_s'), '{:.1f} req/s')}{extra}{_load(c)}",
+            f"in-process (batch 1{' from ' + str(c['clients']) + ' threads' if c['clients'] > 1 else ''}) "
+            f"p50/p99 {_f(p.get('p50_ms'), '{:.1f}')}/{_f(p.get('p99_ms'), '{:.1f} ms')}, "
+            f"{_f(p.get('req_s'), '{:.1f} calls/s')}",
+            ratio_txt,
+        ))
+    soak = ep.get("soak") or {}
+    if soak:
+        ok, health, rss, st = soak.get("ok") or {}, soak.get("health") or {}, soak.get("rss_mb") or {}, soak.get("statuses") or {}
+        other = sum(v for k, v in st.items() if k not in ("200", "503_backpressure"))
+        rows.append((
+            f"{name}, {soak.get('clients')} clients for {_f(soak.get('seconds'), '{:.0f} s')}",
+            f"{st.get('200', 0)} answered, {_f(ok.get('req_s'), '{:.1f} req/s')}, p50/p99 "
+            f"{_f(ok.get('p50_ms'), '{:.0f}')}/{_f(ok.get('p99_ms'), '{:.0f} ms')}; back-pressure 503: "
+            f"{st.get('503_backpressure', 0)}, other errors: {other}; server batch "
+            f"{_f((soak.get('server') or {}).get('mean_batch_size'), '{:.1f}')} mean{_load(soak)}",
+            f"RSS {_f(rss.get('start'), '{:.0f}')} -> {_f(rss.get('end'), '{:.0f} MB')} (peak "
+            f"{_f(rss.get('peak'), '{:.0f} MB')}); `GET /health` every 0.1 s: p50/max "
+            f"{_f(health.get('p50_ms'), '{:.1f}')}/{_f(health.get('max_ms'), '{:.1f} ms')}",
+            f"5xx {soak.get('server_5xx_other_than_backpressure')}{_met(targets, 'soak_5xx_and_connection_errors')}; "
+            f"RSS {_pct(soak.get('rss_growth'))}{_met(targets, 'soak_rss_growth')}; "
+            f"health max {_f(health.get('max_ms'), '{:.0f} ms')}{_met(targets, 'soak_health_max_ms')}",
+        ))
+    return rows
 
 
 def replace_block(text: str, block: str) -> str:

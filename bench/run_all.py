@@ -29,8 +29,10 @@ NOTES = [
     "Ratios are taken within one run, the two sides measured alternately (medians, warm-up excluded).",
     "TFLite latency: LiteRT interpreter, 1 thread, batch 1 (as the DAG validates); the Keras reference "
     "runs batch 1 through `tf.function` on all cores. Sizes in MB = 10^6 bytes.",
-    "Endpoint: loopback HTTP with keep-alive connections, one 128 px JPEG per request; in-process = "
-    "the exported serving signature called on the same bytes from as many threads.",
+    "Endpoint: `python -m dualml.serving` with Vertex's AIP_* environment and default settings (dynamic "
+    "batching), loopback HTTP with keep-alive connections, one 128 px JPEG per request; in-process = the "
+    "exported serving signature called with batch 1 on the same bytes from as many threads. Load = 1-minute "
+    "load average before-after each row (2 cores shared with other work).",
 ]
 
 
