@@ -93,7 +93,12 @@ def _target_section(name: str, kind: str, states: dict[str, str], xcoms: dict, f
                     key=lambda tid: ((failures.get(tid) or {}).get("failed_at") or "~", rank.get(tid, len(rank)), tid))
     t["failed_steps"] = [{"task_id": tid, "message": _message(tid, failures)} for tid in failed]
     t["not_run"] = sorted(tid for tid, s in group_states.items() if s not in ("success", "skipped", "failed"))
-    if group.get("selected") is False:
+    # Airflow 3's ShortCircuitOperator skips by raising, so a left-out target's ``selected`` succeeds
+    # without pushing its False: no XCom, the rest of the group skipped.
+    left_out = group.get("selected") is False or (
+        group_states.get(f"{name}.selected") == "success" and group.get("selected") is None
+        and all(s == "skipped" for tid, s in group_states.items() if tid != f"{name}.selected"))
+    if left_out:
         t["status"] = "not_selected"
     elif failed or t["not_run"]:
         t["status"] = "failed"
