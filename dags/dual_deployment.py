@@ -24,7 +24,7 @@ from dual_deploy.config import load_dag_config
 from dual_deploy.dag_helpers import DEFAULT_ARGS, TEMPLATE_FILTERS, cost_inputs, run_params, run_uri
 from dual_deploy.operators.dataset import StageSplitOperator, ValidateDatasetOperator
 from dual_deploy.operators.summary import RunSummaryOperator
-from dual_deploy.platforms import build_target_group, champions_prefix
+from dual_deploy.target_group import build_target_group, champions_prefix
 
 CONFIG = load_dag_config(__file__)
 RUN_URI = run_uri(CONFIG)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: sample data -> GCS emulator -> Airflow DB -> dual_deployment (airflow dags test) -> summary.
+# `make run`: sample data -> GCS emulator + local Vertex AI server -> Airflow DB -> dual_deployment
+# (airflow dags test) -> summary. One run at a time per state folder; `make stop` ends all of it.
 set -euo pipefail
 source "$(dirname "$0")/local_env.sh"
 source "$(dirname "$0")/data_helpers.sh"
@@ -7,6 +8,12 @@ cd "$ROOT"
 DATA="${1:-}"
 START=$(date +%s)
 mkdir -p "$STATE_DIR/pids" "$STATE_DIR/logs"
+exec 9>"$STATE_DIR/make-run.lock"
+if ! flock -n 9; then
+  echo "Another make run is using $STATE_DIR (pid $(cat "$STATE_DIR/pids/make-run.pid" 2>/dev/null || echo '?')):" \
+       "wait for it to finish, or end it with: make stop" >&2
+  exit 1
+fi
 
 if [ -z "$DATA" ]; then
   DATA="$ROOT/data/flowers"
@@ -22,6 +29,9 @@ DATA_URI="gs://$BUCKET/datasets/$NAME"
 
 echo "==> GCS emulator on $STORAGE_EMULATOR_HOST"
 python -m dual_deploy.local_platform emulator-start --port "$GCS_PORT" --state-dir "$STATE_DIR"
+echo "==> local Vertex AI server on $VERTEX_AI_EMULATOR_HOST (REST on $FIREBASE_REMOTE_CONFIG_EMULATOR_HOST)"
+python -m dual_deploy.local_platform localcloud-start --port "$VERTEX_PORT" --state-dir "$STATE_DIR"
+python -m dual_deploy.local_platform ensure-buckets
 echo "==> uploading $DATA to $DATA_URI"
 python -m dual_deploy.local_platform upload-dataset "$DATA" "$DATA_URI"
 
@@ -34,8 +44,14 @@ rm -f "$STATE_DIR/run_summary.json"
 python -m dual_deploy.progress db "$AIRFLOW_HOME/airflow.db" --dag dual_deployment &
 PROGRESS_PID=$!
 set +e
-airflow dags test dual_deployment --conf "{\"data_uri\": \"$DATA_URI\"}" 2>&1 | tee "$STATE_DIR/logs/dags-test.log" \
-  | grep --line-buffered -E "\[trainer\].*(Epoch|accuracy=)|test accuracy|TFLite|smoke|endpoint|published|ERROR|Error:" || true
+# Its own session, so `make stop` can end the run and everything it started (pid file below).
+setsid bash -c 'airflow dags test dual_deployment --conf "$1" 2>&1 | tee "$2" \
+  | grep --line-buffered -E "Custom job was created|Status of the custom job|deferr|test accuracy|TFLite|smoke|traffic|endpoint|published|Remote Config|ERROR|Error:"' \
+  _ "{\"data_uri\": \"$DATA_URI\"}" "$STATE_DIR/logs/dags-test.log" &
+RUN_PID=$!
+echo "{\"pid\": $RUN_PID}" > "$STATE_DIR/pids/make-run.pid"
+wait "$RUN_PID"
+rm -f "$STATE_DIR/pids/make-run.pid"
 kill -TERM "$PROGRESS_PID" 2>/dev/null; wait "$PROGRESS_PID" 2>/dev/null
 set -e
 echo

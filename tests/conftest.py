@@ -119,3 +119,50 @@ def pytest_unconfigure(config):
     else:
         os.environ["AIRFLOW_HOME"] = previous
     shutil.rmtree(home, ignore_errors=True)
+
+
+# --- localcloud ---------------------------------------------------------------------------------
+# The local Vertex AI API server (emulators/localcloud) as a subprocess for the whole session, with
+# the project's image mapping (emulators/localcloud.yaml) and the session's GCS emulator as the
+# storage its containers see. While it runs, VERTEX_AI_EMULATOR_HOST (and an anonymous
+# google_cloud_default connection) route the provider's hooks and the aiplatform_v1 clients to it.
+# Yields a localcloud.process.LocalCloudProcess: .state(), .add_fault(...), .clear_faults(),
+# .preempt(job_id), .kill9(), .restart(). Tests share it: use unique display names, clear faults.
+
+_ANONYMOUS_GCP_CONN = '{"conn_type": "google_cloud_platform", "extra": {"is_anonymous": true, "project": "local-project"}}'
+
+
+@pytest.fixture(scope="session")
+def localcloud(gcs_emulator, tmp_path_factory):
+    import yaml
+
+    from localcloud.process import LocalCloudProcess
+
+    root = Path(__file__).resolve().parents[1]
+    state = tmp_path_factory.mktemp("localcloud")
+    # The project's image mapping plus two test images: instant stand-ins for the trainer and the
+    # serving container (tests/fakes/), for tests of the cloud-facing code that need no TensorFlow.
+    cfg = yaml.safe_load((root / "emulators" / "localcloud.yaml").read_text())
+    cfg["root"] = str(root)
+    cfg["images"] += [
+        {"match": "*/dual-deploy-test/fake-trainer*", "entrypoint": ["{python}", "{root}/tests/fakes/trainer.py"]},
+        {"match": "*/dual-deploy-test/fake-serving*", "entrypoint": ["{python}", "{root}/tests/fakes/model_server.py"]},
+    ]
+    (state / "localcloud.yaml").write_text(yaml.safe_dump(cfg))
+    server = LocalCloudProcess(state / "server", config=state / "localcloud.yaml", storage_emulator_host=gcs_emulator)
+    server.start()
+    saved = {k: os.environ.get(k) for k in (*server.env(), "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT")}
+    os.environ.update(server.env())
+    os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = _ANONYMOUS_GCP_CONN
+    from dual_deploy.emulator_hosts import install
+
+    install()
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

@@ -18,7 +18,7 @@ import jinja2
 import pytest
 import yaml
 
-from dual_deploy import platforms
+from dual_deploy import target_group
 from dual_deploy.config import DEFAULT_CONFIG, ConfigError, build_config, load_config, resolve_platform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,8 @@ if dag is not None:
             for t in dag.tasks
         },
         groups=sorted(k for k, v in dag.task_group.children.items() if hasattr(v, "children")),
-        train_args={t.task_id: list(t.args) for t in dag.tasks if t.task_id.endswith(".train")},
+        train_args={t.task_id: list(t.custom_job["job_spec"]["worker_pool_specs"][0]["container_spec"]["args"])
+                    for t in dag.tasks if t.task_id.endswith(".train")},
     )
 out["heavy_modules"] = sorted(m for m in sys.argv[2:] if m in sys.modules)
 print("DESCRIBE=" + json.dumps(out))
@@ -93,6 +94,7 @@ def _parse_env(tmp: Path, config_path: Path | None) -> dict[str, str]:
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
         AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
         PYTHONPATH=os.pathsep.join([str(ROOT / "include"), str(ROOT / "plugins")]),
+        AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT="300",
         DUAL_DEPLOY_PLATFORM="local",
     )
     if config_path is not None:
@@ -167,7 +169,7 @@ def test_dag_attributes(parsed):
     assert {"ml", "vertex-ai", "tflite", "local"} <= set(d["tags"])
     assert d["doc_md"] and "dual_deployment" in d["doc_md"] and "run_summary" in d["doc_md"]
     assert d["params"] == {"data_uri": "gs://dual-deploy-local/datasets/flowers", "epochs": None,
-                           "targets": ["cloud", "mobile"]}
+                           "targets": ["cloud", "mobile"], "allow_class_change": False}
     assert d["catchup"] is False
     assert d["max_active_runs"] == 1
     retries = int(d["default_args"]["retries"])
@@ -193,10 +195,10 @@ def test_exact_task_ids_and_dependencies(parsed):
     ops = {tid: t["operator"] for tid, t in d["tasks"].items()}
     assert ops["validate_dataset"] == "ValidateDatasetOperator" and ops["stage_split"] == "StageSplitOperator"
     assert ops["cloud.selected"] == ops["mobile.selected"] == "ShortCircuitOperator"
-    assert ops["cloud.train"] == ops["mobile.train"] == "LocalCustomTrainingJobOperator"
+    assert ops["cloud.train"] == ops["mobile.train"] == "VertexCustomJobOperator"
     assert ops["cloud.champion_gate"] == ops["mobile.champion_gate"] == "ChampionGateOperator"
-    assert ops["cloud.register_model"] == "LocalUploadModelOperator"
-    assert ops["cloud.deploy"] == "LocalDeployModelOperator"
+    assert ops["cloud.register_model"] == "RegisterModelVersionOperator"
+    assert ops["cloud.deploy"] == "CanaryDeployModelOperator"
     assert ops["mobile.convert_tflite"] == "ConvertToTFLiteOperator"
     assert ops["mobile.publish"] == "PublishMobileModelOperator"
     assert ops["run_summary"] == "RunSummaryOperator"
@@ -249,7 +251,7 @@ def test_parsing_imports_no_ml_framework(parsed):
 def test_trainer_args_template_the_epochs_param():
     cfg = load_config(DEFAULT_CONFIG, platform="local")
     cloud = cfg.target("cloud")
-    args = platforms.trainer_args(cloud, "gs://b/run/split.json")
+    args = target_group.trainer_args(cloud, "gs://b/run/split.json")
     assert "--architecture=densenet121" in args
     assert "--split-uri=gs://b/run/split.json" in args
     epochs = [a for a in args if a.startswith("--epochs")]
@@ -272,7 +274,9 @@ def _error(raw: dict, platform: str = "local") -> str:
 def test_default_config_is_valid_for_both_platforms_shapes():
     local = load_config(DEFAULT_CONFIG, platform="local")
     assert [t.name for t in local.targets] == ["cloud", "mobile"]
-    assert local.target("mobile").publish.backend == "local"
+    # One code path: the local platform uses the production operators' settings, pointed at local stand-ins.
+    assert local.target("mobile").publish.backend == "firebase_storage"
+    assert local.gcp.trainer_image and local.gcp.serving_image and local.gcp.project == "local-project"
     assert local.target("cloud").training.weights is None
     assert local.artifacts_uri.startswith("gs://")
 

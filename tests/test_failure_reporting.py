@@ -15,9 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_dag_run_local import VENV_BIN, _base_env, _dags_test, _stop_serving, _tail, _write_config
-
-from dual_deploy.local_processes import free_port
+from test_dag_run_local import VENV_BIN, _base_env, _dags_test, _tail, _write_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +34,9 @@ def _dataset(tmp: Path, case: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def airflow_env(gcs_emulator, tmp_path_factory) -> dict[str, str]:
+def airflow_env(gcs_emulator, localcloud, tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("airflow_home")
-    env = _base_env(gcs_emulator, home)
+    env = _base_env(gcs_emulator, home, localcloud)
     proc = subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=env, cwd=home,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"airflow db migrate failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -55,14 +53,11 @@ def test_the_first_failure_and_its_message_are_what_the_user_sees(airflow_env, g
 
     bucket = f"dd-fail-{uuid.uuid4().hex[:10]}"
     state_dir = tmp_path / "state"
-    config = _write_config(tmp_path / "dual_deploy.yaml", gcs_emulator, bucket, state_dir, free_port())
+    config = _write_config(tmp_path / "dual_deploy.yaml", bucket, state_dir)
     data_uri = f"gs://{bucket}/datasets/{case}"
     upload_dataset(str(_dataset(tmp_path, case)), data_uri)
     log = tmp_path / "dags-test.log"
-    try:
-        rc = _dags_test(airflow_env, config, data_uri, log, timeout_s=300)
-    finally:
-        _stop_serving(state_dir)
+    rc = _dags_test(airflow_env, config, data_uri, log, timeout_s=300)
     assert rc != 0, _tail(log)
 
     path = state_dir / "run_summary.json"

@@ -115,7 +115,9 @@ class TFLiteConfig(_Strict):
 class PublishConfig(_Strict):
     display_name: str
     tags: list[str] = []
-    backend: Literal["local", "firebase_ml", "firebase_storage"] = "local"
+    # firebase_storage: Cloud Storage for Firebase + manifest (+ Remote Config); firebase_ml: Firebase ML
+    # custom models, which shut down on 2027-06-15 (selectable until then).
+    backend: Literal["firebase_ml", "firebase_storage"] = "firebase_storage"
     unlock_timeout_s: int = Field(600, ge=1)  # Firebase ML: wait for the model to unlock after an upload
     remote_config_parameter: str | None = None  # firebase_storage: also point this Remote Config parameter at it
 
@@ -163,14 +165,12 @@ class TargetConfig(_Strict):
 
 
 class LocalConfig(_Strict):
-    storage_emulator_host: str = "http://127.0.0.1:9023"
-    bucket: str = "dual-deploy-local"
-    state_dir: str = ".state"
-    endpoint_host: str = "127.0.0.1"  # where clients reach the endpoint
-    bind_host: str = "127.0.0.1"  # where the serving app listens (0.0.0.0 in a container)
-    endpoint_base_port: int = Field(8501, ge=1024, le=65000)
-    python: str | None = None  # interpreter for trainer/serving processes; default: the running one
-    startup_timeout_s: int = Field(180, ge=5)
+    """The local platform's own settings. Everything cloud-facing is configured under ``gcp:`` as on
+    Google Cloud; locally those calls reach the GCS emulator and the local Vertex AI server through
+    ``STORAGE_EMULATOR_HOST`` / ``VERTEX_AI_EMULATOR_HOST`` (set by ``make run``)."""
+
+    bucket: str = "dual-deploy-local"  # created in the GCS emulator by make run
+    state_dir: str = ".state"  # where make run keeps the run summary copy and the report
 
 
 class GcpConfig(_Strict):
@@ -183,6 +183,7 @@ class GcpConfig(_Strict):
     firebase_storage_bucket: str | None = None
     gcp_conn_id: str = "google_cloud_default"
     firebase_conn_id: str = "firebase_default"
+    poll_interval_s: int = Field(60, ge=1)  # how often the triggerer polls a training job's state
 
 
 class TriggersConfig(_Strict):
@@ -230,11 +231,10 @@ class Config(_Strict):
             raise ValueError(f"target names must be unique, got {names}")
         if not self.artifacts_uri.startswith("gs://"):
             raise ValueError(f"artifacts_uri must be a gs:// URI, got {self.artifacts_uri!r}")
-        if self.platform == "gcp":
-            missing = [k for k in ("project", "trainer_image", "serving_image") if not getattr(self.gcp, k)]
-            if missing:
-                raise ValueError(f"platform 'gcp' needs gcp.{', gcp.'.join(missing)} set in the config file")
-            self._check_firebase_bucket()
+        missing = [k for k in ("project", "trainer_image", "serving_image") if not getattr(self.gcp, k)]
+        if missing:
+            raise ValueError(f"platform {self.platform!r} needs gcp.{', gcp.'.join(missing)} set in the config file")
+        self._check_firebase_bucket()
         return self
 
     def _check_firebase_bucket(self) -> None:

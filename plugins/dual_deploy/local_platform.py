@@ -1,9 +1,11 @@
 """Bring-up of the local platform's real parts, used by `make run`, `make stop` and tests.
 
-``python -m dual_deploy.local_platform emulator-start|upload-dataset|show-summary ...``
+``python -m dual_deploy.local_platform emulator-start|localcloud-start|ensure-buckets|upload-dataset|show-summary``
 
-- a GCS API server (gcp-storage-emulator) with on-disk storage under the state dir, so the
-  model registry, endpoints and published mobile models survive between runs;
+- a GCS API server (gcp-storage-emulator) with on-disk storage under the state dir, so run artifacts,
+  champions and published mobile models survive between runs (a cut-short object index is repaired);
+- the local Vertex AI server (emulators/localcloud; its own SQLite state under the state dir): custom
+  jobs, Model Registry, endpoints and predictions for the provider's unmodified operators;
 - the dataset uploaded to the bucket, then read back by the DAG through GCSHook.
 """
 
@@ -22,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dual_deploy.local_processes import ProcessFailed, _alive
+from dual_deploy.local_processes import ProcessFailed, alive
 
 
 def start_emulator(port: int, state_dir: str, in_memory: bool = False, timeout_s: float = 30) -> int:
@@ -35,6 +37,10 @@ def start_emulator(port: int, state_dir: str, in_memory: bool = False, timeout_s
         return info["pid"]
     (state / "pids").mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(parents=True, exist_ok=True)
+    if not in_memory:
+        recovered = recover_gcs_metadata(state / "gcs")
+        if recovered:
+            print(recovered, file=sys.stderr)
     exe = shutil.which("gcp-storage-emulator") or str(Path(sys.executable).parent / "gcp-storage-emulator")
     cmd = [exe, "start", "--host", "127.0.0.1", "--port", str(port), "--quiet"]
     if in_memory:
@@ -49,10 +55,64 @@ def start_emulator(port: int, state_dir: str, in_memory: bool = False, timeout_s
     while time.monotonic() < deadline:
         if _answers(url):
             return proc.pid
-        if not _alive(proc.pid):
+        if not alive(proc.pid):
             raise ProcessFailed(f"gcp-storage-emulator exited; see {state / 'logs' / 'gcs-emulator.log'}")
         time.sleep(0.2)
     raise ProcessFailed(f"gcp-storage-emulator did not answer on port {port} within {timeout_s:.0f} s")
+
+
+GCS_META = Path(".cloudstorage") / ".meta"  # gcp-storage-emulator's object index under STORAGE_BASE
+
+
+def recover_gcs_metadata(storage_base: Path) -> str | None:
+    """gcp-storage-emulator rewrites one JSON index of every bucket and object in place; a kill in the
+    middle of that write leaves it truncated, and the emulator then dies on start with a JSONDecodeError.
+    Each start keeps a copy of the last index that parsed; a broken one is replaced by that copy.
+    Returns a message saying what happened (None when the index was fine)."""
+    meta = storage_base / GCS_META
+    good = meta.with_name(".meta.last-good")
+    if not meta.exists():
+        return None
+    try:
+        json.loads(meta.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        broken = meta.with_name(f".meta.broken-{int(time.time())}")
+        meta.replace(broken)
+        if good.exists():
+            shutil.copyfile(good, meta)
+            return (f"GCS emulator: its object index {meta} was cut short (the emulator was killed while writing it); "
+                    f"restored the copy taken when it last started ({good}); objects written since then are not "
+                    f"listed any more. The broken file is kept as {broken}.")
+        return (f"GCS emulator: its object index {meta} was cut short (the emulator was killed while writing it) and "
+                f"there is no earlier copy: the local buckets start empty (datasets are uploaded again; champions, "
+                f"run artifacts and published models are gone; `make clean` starts from scratch). Kept as {broken}.")
+    shutil.copyfile(meta, good)
+    return None
+
+
+LOCALCLOUD_CONFIG = Path(__file__).resolve().parents[2] / "emulators" / "localcloud.yaml"
+
+
+def start_localcloud(grpc_port: int, state_dir: str, storage_emulator_host: str, timeout_s: float = 180) -> dict:
+    """Start the local Vertex AI server (idempotent: reuse one answering on ``grpc_port + 1``).
+    Returns its server.json (pid, grpc and http addresses)."""
+    state = Path(state_dir).resolve()
+    lc_state = state / "localcloud"
+    health = f"http://127.0.0.1:{grpc_port + 1}/localcloud/health"
+    if _answers(health) and (lc_state / "server.json").exists():
+        return json.loads((lc_state / "server.json").read_text())
+    from localcloud.process import LocalCloudProcess
+
+    server = LocalCloudProcess(lc_state, config=LOCALCLOUD_CONFIG, grpc_port=grpc_port,
+                               storage_emulator_host=storage_emulator_host, log_path=state / "logs" / "localcloud.log",
+                               start_timeout_s=timeout_s)
+    try:
+        server.start()
+    except RuntimeError as e:
+        raise ProcessFailed(f"the local Vertex AI server did not start: {e}") from None
+    (state / "pids").mkdir(parents=True, exist_ok=True)
+    (state / "pids" / "localcloud.pid").write_text(json.dumps({"pid": server.proc.pid, "grpc_port": grpc_port}))
+    return server.info
 
 
 def _answers(url: str) -> bool:
@@ -201,12 +261,26 @@ def main(argv=None) -> None:
     u = sub.add_parser("upload-dataset")
     u.add_argument("local_dir")
     u.add_argument("dest_uri")
+    v = sub.add_parser("localcloud-start")
+    v.add_argument("--port", type=int, default=9010, help="gRPC port (VERTEX_AI_EMULATOR_HOST); REST on port + 1")
+    v.add_argument("--state-dir", default=".state")
+    v.add_argument("--storage-emulator-host", default=os.environ.get("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9023"))
+    sub.add_parser("ensure-buckets", help="create the local platform's buckets (artifacts, Firebase) if absent")
     s = sub.add_parser("show-summary")
     s.add_argument("path")
     s.add_argument("--example-image")
     a = p.parse_args(argv)
     if a.cmd == "emulator-start":
         print(f"gcs emulator on port {a.port} (pid {start_emulator(a.port, a.state_dir)})")
+    elif a.cmd == "localcloud-start":
+        info = start_localcloud(a.port, a.state_dir, a.storage_emulator_host)
+        print(f"local Vertex AI server: gRPC {info['grpc']}, REST {info['http']} (pid {info['pid']})")
+    elif a.cmd == "ensure-buckets":
+        from dual_deploy.config import load_config
+
+        cfg = load_config()
+        for bucket in dict.fromkeys(filter(None, [cfg.local.bucket, cfg.gcp.firebase_storage_bucket])):
+            ensure_bucket(bucket)
     elif a.cmd == "upload-dataset":
         print(f"{a.dest_uri}: {upload_dataset(a.local_dir, a.dest_uri)} files")
     else:

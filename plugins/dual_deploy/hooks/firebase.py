@@ -38,6 +38,7 @@ import firebase_admin
 from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
 from firebase_admin import credentials as firebase_credentials
 
+from dual_deploy.emulator_hosts import remote_config_base_url
 from dual_deploy.hooks.mobile_publisher import MobileModelPublisher, PublishError, file_sha256
 from dual_deploy.names import FIREBASE_ML_DISPLAY_NAME_PATTERN, FIREBASE_TAG_PATTERN
 
@@ -365,7 +366,7 @@ class FirebaseMLPublisherHook(FirebaseHook, MobileModelPublisher):
 
 # --- Cloud Storage for Firebase (Firebase ML's successor) --------------------------------------
 
-REMOTE_CONFIG_URL = "https://firebaseremoteconfig.googleapis.com/v1/projects/{project}/remoteConfig"
+REMOTE_CONFIG_PATH = "/v1/projects/{project}/remoteConfig"
 
 
 class FirebaseStoragePublisherHook(FirebaseHook, MobileModelPublisher):
@@ -489,7 +490,7 @@ class FirebaseStoragePublisherHook(FirebaseHook, MobileModelPublisher):
             from google.auth.transport.requests import AuthorizedSession
 
             session = AuthorizedSession(self.get_credentials())
-        url = REMOTE_CONFIG_URL.format(project=self.get_firebase_project())
+        url = remote_config_base_url() + REMOTE_CONFIG_PATH.format(project=self.get_firebase_project())
         value = json.dumps({k: manifest[k] for k in ("version", "path", "sha256", "size_bytes")}, sort_keys=True)
         for attempt in range(1, self.max_attempts + 1):
             try:

@@ -11,19 +11,19 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dual_deploy.hooks.firebase import FirebaseMLPublisherHook, FirebaseStoragePublisherHook
 from dual_deploy.hooks.gcs_io import GcsIO
-from dual_deploy.hooks.mobile_publisher import LocalMobilePublisherHook, MobileModelPublisher
+from dual_deploy.hooks.mobile_publisher import MobileModelPublisher
 from dual_deploy.operators.base import DictOutputOperator
 
-BACKENDS = ("local", "firebase_ml", "firebase_storage")
+BACKENDS = ("firebase_storage", "firebase_ml")
 
 
 class PublishMobileModelOperator(DictOutputOperator):
     """Create-or-update the mobile model ``display_name`` with ``tflite_uri`` and publish it.
 
     Runs only after the conversion task passed its validation thresholds (its upstream).
-    ``backend``: ``local`` (a bucket; the emulator locally), ``firebase_ml`` (Firebase ML custom
-    models; shuts down 2027-06-15) or ``firebase_storage`` (its successor: Cloud Storage for
-    Firebase + a manifest, optionally a Remote Config parameter). The Firebase backends use
+    ``backend``: ``firebase_storage`` (Cloud Storage for Firebase + a manifest, optionally a Remote
+    Config parameter; locally the GCS emulator and the local server's Remote Config API) or
+    ``firebase_ml`` (Firebase ML custom models; shuts down 2027-06-15). The Firebase backends use
     ``firebase_conn_id`` (a Google Cloud connection: keyfile JSON in its extras, or ADC),
     ``firebase_project`` and ``firebase_storage_bucket``; ``unlock_timeout_s`` bounds each wait for
     a locked Firebase ML model; ``remote_config_parameter`` names the client Remote Config
@@ -37,8 +37,8 @@ class PublishMobileModelOperator(DictOutputOperator):
     template_fields: Sequence[str] = ("display_name", "tflite_uri", "tags", "metadata")
     ui_color = "#ffe0b2"
 
-    def __init__(self, *, display_name: str, tflite_uri: str, tags: list[str] | None = None, backend: str = "local",
-                 local_bucket: str | None = None, metadata: dict | None = None,
+    def __init__(self, *, display_name: str, tflite_uri: str, tags: list[str] | None = None, backend: str = "firebase_storage",
+                 metadata: dict | None = None,
                  gcp_conn_id: str = "google_cloud_default", firebase_conn_id: str = "firebase_default",
                  firebase_project: str | None = None, firebase_storage_bucket: str | None = None,
                  unlock_timeout_s: float = 600, remote_config_parameter: str | None = None, **kwargs):
@@ -47,7 +47,6 @@ class PublishMobileModelOperator(DictOutputOperator):
         self.tflite_uri = tflite_uri
         self.tags = tags or []
         self.backend = backend
-        self.local_bucket = local_bucket
         self.metadata = metadata or {}
         self.gcp_conn_id = gcp_conn_id
         self.firebase_conn_id = firebase_conn_id
@@ -57,10 +56,6 @@ class PublishMobileModelOperator(DictOutputOperator):
         self.remote_config_parameter = remote_config_parameter
 
     def get_publisher(self) -> MobileModelPublisher:
-        if self.backend == "local":
-            if not self.local_bucket:
-                raise AirflowFailException("backend 'local' needs local_bucket")
-            return LocalMobilePublisherHook(self.local_bucket, self.gcp_conn_id)
         if self.backend not in BACKENDS:
             raise AirflowFailException(f"unknown mobile publishing backend {self.backend!r}; use one of {BACKENDS}")
         if not self.firebase_storage_bucket:

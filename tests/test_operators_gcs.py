@@ -1,5 +1,5 @@
-"""The local platform's operators and hooks against a real GCS API (gcp-storage-emulator).
-
+"""The GCS-facing operators (dataset validation, split staging, publishing errors, run summary) against a
+real GCS API (gcp-storage-emulator).
 Operators run through ``execute(context)`` with a minimal context; every byte goes through the
 provider's GCSHook with the anonymous ``google_cloud_default`` connection, as in a DAG run.
 No TensorFlow: models are stand-in files (the end-to-end run is tests/test_dag_run_local.py).
@@ -16,10 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from PIL import Image
 
 from dual_deploy.hooks.gcs_io import GcsIO
-from dual_deploy.hooks.local_vertex import LocalVertexHook
-from dual_deploy.local_processes import free_port
 from dual_deploy.operators.dataset import StageSplitOperator, ValidateDatasetOperator
-from dual_deploy.operators.local_vertex import LocalUploadModelOperator
 from dual_deploy.operators.publish import PublishMobileModelOperator
 from dual_deploy.operators.summary import RunSummaryOperator, build_summary, render_text
 from dual_deploy.smoke import SmokeTestFailed, build_request, check_response
@@ -195,108 +192,18 @@ def test_stage_split_missing_bucket_fails(gcs):
                            split_uri="gs://absent-bucket-xyz/split.json").execute({})
 
 
-# ================================================================ local Model Registry and endpoints
-
-
-def _upload_op(bucket: str, state_dir, artifact_uri: str, alias: str) -> LocalUploadModelOperator:
-    return LocalUploadModelOperator(
-        task_id="register_model", display_name="flowers-densenet121", artifact_uri=artifact_uri,
-        version_aliases=[alias], local_bucket=bucket, state_dir=str(state_dir),
-    )
-
-
-def test_upload_model_twice_adds_versions_and_moves_default(gcs, bucket, tmp_path):
-    first = _upload_op(bucket, tmp_path, f"gs://{bucket}/runs/a/cloud/model/", "run-a").execute({})
-    second = _upload_op(bucket, tmp_path, f"gs://{bucket}/runs/b/cloud/model", "run-b").execute({})
-
-    assert first["model_id"] == second["model_id"]
-    assert (first["model_version_id"], second["model_version_id"]) == ("1", "2")
-    assert first["model_resource_name"] == f"projects/local-project/locations/local/models/{first['model_id']}@1"
-    assert second["model_resource_name"].endswith("@2")
-    assert first["artifact_uri"] == f"gs://{bucket}/runs/a/cloud/model"  # trailing slash dropped
-    assert set(first["version_aliases"]) == {"default", "run-a"}
-    assert set(second["version_aliases"]) == {"default", "run-b"}
-
-    hook = LocalVertexHook(bucket=bucket, state_dir=str(tmp_path))
-    model = hook.get_model("flowers-densenet121")
-    v1, v2 = model["versions"]
-    assert v1["aliases"] == ["run-a"]  # "default" moved to the newest version
-    assert v2["aliases"] == ["default", "run-b"]
-    assert (v1["artifact_uri"], v2["artifact_uri"]) == (first["artifact_uri"], second["artifact_uri"])
-    assert gcs.list_files(f"gs://{bucket}/vertex-local/models") == [
-        f"gs://{bucket}/vertex-local/models/flowers-densenet121.json"
-    ]
-
-
-def test_re_registering_an_alias_moves_it(gcs, bucket, tmp_path):
-    _upload_op(bucket, tmp_path, f"gs://{bucket}/m1", "run-a").execute({})
-    again = _upload_op(bucket, tmp_path, f"gs://{bucket}/m2", "run-a").execute({})
-    assert again["model_version_id"] == "2"
-    v1, v2 = LocalVertexHook(bucket=bucket, state_dir=str(tmp_path)).get_model("flowers-densenet121")["versions"]
-    assert v1["aliases"] == [] and v2["aliases"] == ["default", "run-a"]
-
-
-def test_get_or_create_endpoint_is_idempotent(gcs, bucket, tmp_path):
-    port = free_port()
-    hook = LocalVertexHook(bucket=bucket, state_dir=str(tmp_path), base_port=port)
-    first, created1 = hook.get_or_create_endpoint("flowers-cloud-endpoint")
-    second, created2 = hook.get_or_create_endpoint("flowers-cloud-endpoint")
-    assert (created1, created2) == (True, False)
-    assert first["endpoint_id"] == second["endpoint_id"]
-    assert first["port"] == second["port"] == port
-    assert first["name"] == f"projects/local-project/locations/local/endpoints/{first['endpoint_id']}"
-    assert len(hook.list_endpoints()) == 1
-    assert hook.url(second) == f"http://127.0.0.1:{port}/predict"
-
-    other, created = hook.get_or_create_endpoint("another-endpoint")
-    assert created and other["port"] != port and other["endpoint_id"] != first["endpoint_id"]
-    assert len(hook.list_endpoints()) == 2
-
-
 # ================================================================ mobile publishing
-
-
-def _publish_op(bucket: str, tflite_uri: str, backend: str = "local") -> PublishMobileModelOperator:
-    return PublishMobileModelOperator(
-        task_id="publish", display_name="flowers_mobilenet_v3", tflite_uri=tflite_uri,
-        tags=["flowers", "mobilenet_v3", "flowers"], backend=backend, local_bucket=bucket,
-        metadata={"run_id": "manual__1", "architecture": "mobilenet_v3_small"},
-    )
-
-
-def test_publish_twice_updates_the_same_model(gcs, bucket):
-    uris = []
-    for k in (1, 2):
-        uri = f"gs://{bucket}/runs/r{k}/mobile/tflite/model.tflite"
-        gcs.write_bytes(uri, f"TFL3 stand-in model {k}".encode())
-        uris.append(uri)
-    first = _publish_op(bucket, uris[0]).execute({})
-    second = _publish_op(bucket, uris[1]).execute({})
-
-    assert first["backend"] == second["backend"] == "local"
-    assert first["model_id"] == second["model_id"]
-    assert (first["version"], second["version"]) == (1, 2)
-    assert (first["created"], second["created"]) == (True, False)
-    assert first["published"] and second["published"]
-    assert second["tags"] == ["flowers", "mobilenet_v3"]
-    assert first["model_hash"] != second["model_hash"]
-
-    root = f"gs://{bucket}/mobile-models/flowers_mobilenet_v3"
-    assert second["tflite_uri"] == f"{root}/v2/model.tflite"
-    assert gcs.read_bytes(f"{root}/v1/model.tflite") == b"TFL3 stand-in model 1"
-    assert gcs.read_bytes(f"{root}/v2/model.tflite") == b"TFL3 stand-in model 2"
-    latest = gcs.read_json(f"{root}/latest.json")
-    assert latest == {"version": 2, "tflite_uri": f"{root}/v2/model.tflite", "model_hash": second["model_hash"]}
-    record = gcs.read_json(f"{root}/model.json")
-    assert record["version"] == 2 and record["metadata"]["architecture"] == "mobilenet_v3_small"
 
 
 def test_publish_unknown_backend_fails_clearly(gcs, bucket):
     gcs.write_bytes(f"gs://{bucket}/x.tflite", b"TFL3")
+    op = PublishMobileModelOperator(task_id="publish", display_name="flowers_mobilenet_v3",
+                                    tflite_uri=f"gs://{bucket}/x.tflite", backend="carrier_pigeon",
+                                    firebase_storage_bucket=bucket)
     with pytest.raises(AirflowFailException) as e:
-        _publish_op(bucket, f"gs://{bucket}/x.tflite", backend="carrier_pigeon").execute({})
-    assert "'carrier_pigeon'" in str(e.value) and "'local'" in str(e.value)
-    assert gcs.list_files(f"gs://{bucket}/mobile-models") == []
+        op.execute({})
+    assert "'carrier_pigeon'" in str(e.value) and "'firebase_storage'" in str(e.value)
+    assert gcs.list_files(f"gs://{bucket}/Firebase") == []
 
 
 # ================================================================ run summary
@@ -506,6 +413,16 @@ def test_check_response_rejects_bad_answers(body, words):
         check_response(body, LABELS, 2)
 
 
-def test_build_request_is_vertex_format():
-    req = build_request([b"\xff\xd8abc", b"xyz"])
-    assert req == {"instances": [{"b64": "/9hhYmM="}, {"b64": "eHl6"}]}
+def test_build_request_is_vertex_format_and_fits_the_request_limit():
+    import base64
+
+    small = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(small, format="PNG")
+    big = io.BytesIO()  # a phone photo: far above what one instance may carry
+    Image.effect_noise((3000, 2000), 64).convert("RGB").save(big, format="JPEG", quality=95)
+    req = build_request([small.getvalue(), big.getvalue()], image_size=64)
+    assert [set(i) for i in req["instances"]] == [{"b64"}, {"b64"}]
+    assert base64.b64decode(req["instances"][0]["b64"]) == small.getvalue()  # fits: sent as it is
+    resized = base64.b64decode(req["instances"][1]["b64"])
+    assert len(big.getvalue()) > 1_500_000 > len(json.dumps(req))
+    assert max(Image.open(io.BytesIO(resized)).size) <= 1024
