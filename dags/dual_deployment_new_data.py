@@ -56,6 +56,7 @@ with DAG(
         incoming_uri=TRIGGERS.incoming_uri,
         ledger_uri=TRIGGERS.ledger_uri,
         marker_name=TRIGGERS.marker_name,
+        max_attempts=TRIGGERS.max_attempts_per_batch,
     )
     trigger_training = TriggerDagRunOperator(
         task_id="trigger_training",

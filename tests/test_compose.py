@@ -23,7 +23,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 MAKE_ENV = ROOT / "scripts" / "make_env.sh"
 SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET")
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
-ALL_SERVICES = {"postgres", "airflow-init", "gcs", *AIRFLOW_SERVICES}
+ALL_SERVICES = {"postgres", "airflow-init", "gcs", "localcloud", *AIRFLOW_SERVICES}
 
 
 def _compose() -> str:
@@ -163,14 +163,14 @@ def test_secrets_reach_every_component(resolved, generated_env):
 
 
 def test_every_published_port_is_bound_to_localhost(resolved):
-    """The GCS emulator and the endpoint have no authentication: never on all interfaces."""
+    """The GCS emulator and the local Vertex AI server have no authentication: never on all interfaces."""
     published = []
     for name, service in resolved["services"].items():
         for p in service.get("ports") or []:
             host_ip = p.get("host_ip") if isinstance(p, dict) else (str(p).split(":")[0] if str(p).count(":") == 2 else "")
             published.append((name, str(p)))
             assert host_ip == "127.0.0.1", f"{name} publishes {p} on all interfaces"
-    assert {n for n, _ in published} >= {"gcs", "scheduler", "api-server"}, published
+    assert {n for n, _ in published} >= {"gcs", "localcloud", "api-server"}, published
 
 
 def test_the_validator_rejects_a_broken_file(tmp_path, generated_env):
@@ -227,15 +227,23 @@ def test_project_folders_are_mounted(resolved):
             assert Path(mounts[target]).resolve() == (ROOT / folder).resolve(), (name, mounts[target])
 
 
-def test_scheduler_publishes_the_local_endpoint_port(resolved):
-    from dual_deploy.config import load_config
-
-    port = load_config(ROOT / "dags" / "config" / "dual_deploy.yaml", platform="local").local.endpoint_base_port
-    # LocalExecutor: tasks (and so the serving process the deploy task starts) run in the scheduler.
-    assert port in _published(resolved["services"]["scheduler"]), resolved["services"]["scheduler"].get("ports")
-    assert 9023 in _published(resolved["services"]["gcs"])
-    env = _env(resolved["services"]["scheduler"])
-    assert env.get("DUAL_DEPLOY_BIND_HOST") == "0.0.0.0", "the serving app must listen beyond the container"
+def test_the_local_vertex_ai_server_is_a_service_the_airflow_services_reach(resolved):
+    services = resolved["services"]
+    local = services["localcloud"]
+    cmd = " ".join(local["entrypoint"])
+    assert "-m localcloud" in cmd and "--storage-emulator-host http://gcs:9023" in cmd, cmd
+    grpc = int(re.search(r"--grpc-port (\d+)", cmd).group(1))
+    rest = int(re.search(r"--http-port (\d+)", cmd).group(1))
+    assert _published(local) == {rest}, local.get("ports")  # REST for users; gRPC stays inside
+    assert 9023 in _published(services["gcs"])
+    for name in ("airflow-init", *AIRFLOW_SERVICES):
+        env = _env(services[name])
+        # The same switch make run uses: the provider's Vertex AI clients go to the local server.
+        assert env.get("VERTEX_AI_EMULATOR_HOST") == f"localcloud:{grpc}", name
+        assert env.get("FIREBASE_REMOTE_CONFIG_EMULATOR_HOST") == f"localcloud:{rest}", name
+        assert "localcloud" in (services[name].get("depends_on") or {}), name
+    mounts = _mounts(local)
+    assert Path(mounts["/opt/airflow/emulators"]).resolve() == (ROOT / "emulators").resolve()
 
 
 def test_airflow_services_wait_for_init_and_the_database(resolved):
