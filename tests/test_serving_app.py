@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -200,6 +201,22 @@ def test_batch_threads_keep_that_many_model_calls_in_flight():
             assert len(model.calls) == 2  # no third call while both threads are busy
             model.gate.set()
             assert sorted(labels(f.result()[1])[0] for f in futures) == ["c0", "c1", "c2"]
+
+
+def test_the_model_runs_at_a_lower_cpu_priority_than_the_http_side():
+    """Health checks and request I/O must not queue behind inference for the CPU."""
+    seen = []
+
+    class Recording(EchoModel):
+        def predict(self, images):
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return super().predict(images)
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # the server thread inherits it
+    with serve(Recording, ServingOptions(warm_up=False, model_nice=3)) as (url, state):
+        wait_for(lambda: state.status == "ready", "the model")
+        assert request(url + "/predict", "POST", instances("x"))[0] == 200
+    assert seen == [min(base + 3, 19)]
 
 
 def test_a_failing_request_does_not_fail_the_requests_batched_with_it():

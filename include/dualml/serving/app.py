@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_TIMEOUT_MS = 5.0
 DEFAULT_BATCH_THREADS = 2
+# The model's threads (loader, batch workers and TensorFlow's pools, which inherit it) run this much
+# nicer than the event loop, so health checks and request I/O are not queued behind inference.
+DEFAULT_MODEL_NICE = 5
 DEFAULT_MAX_CONCURRENT_REQUESTS = 64
 DEFAULT_BODY_TIMEOUT_S = 60.0
 # A declared body up to this size past the limit is discarded by uvicorn as it arrives, so a
@@ -85,6 +89,7 @@ class ServingOptions:
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     parse_threads: int = 4
+    model_nice: int = DEFAULT_MODEL_NICE
     warm_up: bool = True
 
     def check(self) -> None:
@@ -119,6 +124,17 @@ class ModelState:
         self.rejected = 0  # turned away by back-pressure
 
 
+def _be_nicer(increment: int) -> None:
+    """Lower this thread's CPU priority (Linux: per thread; threads it starts inherit it)."""
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except OSError as e:  # pragma: no cover - not permitted: keep going at the same priority
+        log.warning("could not lower the model threads' priority: %s", e)
+
+
 def _json_response(status: int, payload: dict, headers: dict[str, str] | None = None) -> Response:
     return Response(json.dumps(payload).encode("utf-8"), status, headers, media_type="application/json")
 
@@ -141,6 +157,7 @@ def create_app(
     predict_route, health_route = _route(options.predict_route), _route(options.health_route)
 
     def load() -> None:
+        _be_nicer(options.model_nice)
         try:
             predictor = load_model()
             if options.warm_up and hasattr(predictor, "warm_up"):

@@ -12,6 +12,7 @@ Environment (set by Vertex AI; the flags of ``--help`` override them):
 - ``SERVING_MAX_CONCURRENT_REQUESTS`` (64): predict requests admitted at once, then 503
 - ``SERVING_MAX_INSTANCES`` (64), ``SERVING_MAX_BODY_BYTES`` (1.5 MiB, Vertex's online request
   limit), ``SERVING_MAX_IMAGE_PIXELS`` (40e6, 0 = no limit)
+- ``SERVING_MODEL_NICE`` (5): the model's threads run that much nicer than the HTTP event loop
 - ``SERVING_DRAIN_TIMEOUT_S`` (25): on SIGTERM, how long in-flight requests may take to finish
 - ``SERVING_LOG_LEVEL`` (INFO), ``SERVING_LOG_FORMAT`` (json: Cloud Logging structured lines; text)
 
@@ -41,6 +42,7 @@ from dualml.serving.app import (
     DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_INSTANCES,
+    DEFAULT_MODEL_NICE,
     ServingOptions,
     create_app,
 )
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
              f"($SERVING_BATCH_TIMEOUT_MS, {DEFAULT_BATCH_TIMEOUT_MS:g})")
     add("--batch-threads", type=int, default=_env("SERVING_BATCH_THREADS", DEFAULT_BATCH_THREADS),
         help=f"model calls in flight at a time ($SERVING_BATCH_THREADS, {DEFAULT_BATCH_THREADS})")
+    add("--model-nice", type=int, default=_env("SERVING_MODEL_NICE", DEFAULT_MODEL_NICE),
+        help="how much lower the CPU priority of the model's threads is than the HTTP event loop's "
+             f"($SERVING_MODEL_NICE, {DEFAULT_MODEL_NICE}; 0 = same)")
     add("--max-concurrent-requests", type=int,
         default=_env("SERVING_MAX_CONCURRENT_REQUESTS", DEFAULT_MAX_CONCURRENT_REQUESTS),
         help="predict requests admitted at once; more get 503 + Retry-After "
@@ -170,6 +175,7 @@ def _serve(args) -> int:
         max_batch_size=args.max_batch_size,
         batch_timeout_ms=args.batch_timeout_ms,
         batch_threads=args.batch_threads,
+        model_nice=args.model_nice,
         max_concurrent_requests=args.max_concurrent_requests,
     )
     try:
