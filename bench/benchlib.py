@@ -411,6 +411,7 @@ def _endpoint_rows(ep: dict) -> list[tuple[str, str, str, str]]:
     soak = ep.get("soak") or {}
     if soak:
         ok, health, rss, st = soak.get("ok") or {}, soak.get("health") or {}, soak.get("rss_mb") or {}, soak.get("statuses") or {}
+        control = soak.get("control_probe") or {}
         other = sum(v for k, v in st.items() if k not in ("200", "503_backpressure"))
         rows.append((
             f"{name}, {soak.get('clients')} clients for {_f(soak.get('seconds'), '{:.0f} s')}",
@@ -419,8 +420,12 @@ def _endpoint_rows(ep: dict) -> list[tuple[str, str, str, str]]:
             f"{st.get('503_backpressure', 0)}, other errors: {other}; server batch "
             f"{_f((soak.get('server') or {}).get('mean_batch_size'), '{:.1f}')} mean{_load(soak)}",
             f"RSS {_f(rss.get('start'), '{:.0f}')} -> {_f(rss.get('end'), '{:.0f} MB')} (peak "
-            f"{_f(rss.get('peak'), '{:.0f} MB')}); `GET /health` every 0.1 s: p50/max "
-            f"{_f(health.get('p50_ms'), '{:.1f}')}/{_f(health.get('max_ms'), '{:.1f} ms')}",
+            f"{_f(rss.get('peak'), '{:.0f} MB')}); `GET /health` every 0.1 s: p50/p99/max "
+            f"{_f(health.get('p50_ms'), '{:.1f}')}/{_f(health.get('p99_ms'), '{:.1f}')}/"
+            f"{_f(health.get('max_ms'), '{:.1f} ms')}" + (
+                f" (same probe, trivial asyncio server at the same time: "
+                f"{_f(control.get('p50_ms'), '{:.1f}')}/{_f(control.get('p99_ms'), '{:.1f}')}/"
+                f"{_f(control.get('max_ms'), '{:.1f} ms')})" if control else ""),
             f"5xx {soak.get('server_5xx_other_than_backpressure')}{_met(targets, 'soak_5xx_and_connection_errors')}; "
             f"RSS {_pct(soak.get('rss_growth'))}{_met(targets, 'soak_rss_growth')}; "
             f"health max {_f(health.get('max_ms'), '{:.0f} ms')}{_met(targets, 'soak_health_max_ms')}",
