@@ -8,8 +8,7 @@ import signal
 import sys
 import threading
 
-from localcloud.config import ServerConfig
-from localcloud.server import LocalCloud, StateDirBusy
+from localcloud.config import ServerConfig, StateDirBusy, lock_state_dir
 
 
 def main(argv=None) -> int:
@@ -26,11 +25,14 @@ def main(argv=None) -> int:
                             http_port=a.http_port, storage_emulator_host=a.storage_emulator_host)
     if a.http_port is None and a.grpc_port:
         cfg.http_port = a.grpc_port + 1
-    try:
-        server = LocalCloud(cfg)
+    try:  # before the (slow) imports of the API types: a second server is refused at once
+        lock_file = lock_state_dir(cfg.state_dir)
     except StateDirBusy as e:
         print(f"localcloud: {e}", file=sys.stderr)
         return 3
+    from localcloud.server import LocalCloud
+
+    server = LocalCloud(cfg, lock_file)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -15,12 +15,31 @@ replaces the entrypoint, as in a container.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+class StateDirBusy(RuntimeError):
+    pass
+
+
+def lock_state_dir(state_dir: Path):
+    """Take the state dir's lock (an open file to keep), or raise StateDirBusy: two servers on one
+    database would both restart its jobs and deployed models."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = open(state_dir / ".lock", "w")  # noqa: SIM115 - held for the server's lifetime
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise StateDirBusy(f"another local Vertex AI server is using {state_dir} "
+                           f"(see {state_dir / 'server.json'}); stop it first (make stop)") from None
+    return lock_file
 
 
 @dataclass

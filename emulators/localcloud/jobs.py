@@ -75,6 +75,8 @@ class JobService:
             job = self.job(name)
             if job.state in TERMINAL:
                 return job
+            if job.state == S.JOB_STATE_CANCELLING and state not in TERMINAL:
+                return job  # a cancel wins over the supervisor's PENDING/RUNNING
             job.state = state
             ts = now()
             job.update_time = ts
@@ -269,6 +271,11 @@ class JobService:
     def _supervise_inner(self, name: str, run: _Run) -> None:
         job = self._set_state(name, S.JOB_STATE_PENDING)
         if job.state in TERMINAL:
+            return
+        if run.cancel.is_set():  # cancelled (or failed) before its replicas started
+            self._set_state(name, S.JOB_STATE_FAILED if run.fail_message else S.JOB_STATE_CANCELLED,
+                            (grpc.StatusCode.INTERNAL.value[0], run.fail_message) if run.fail_message
+                            else (grpc.StatusCode.CANCELLED.value[0], "CANCELED"))
             return
         try:
             self._start_replicas(job, run)

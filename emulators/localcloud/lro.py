@@ -64,6 +64,7 @@ class Operations:
         self.store.put(KIND, op.name, op)
         thread = threading.Thread(target=self._run, args=(op.name, method, work, on_error),
                                   name=f"op-{method}", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
         return op

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,23 @@ import urllib.request
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # emulators/
+
+
+def _free_port_pair(host: str = "127.0.0.1") -> int:
+    """A free port whose successor is free too."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind((host, 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind((host, port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports found")
 
 
 class LocalCloudProcess:
@@ -37,9 +55,12 @@ class LocalCloudProcess:
     # ---- lifecycle
     def start(self) -> LocalCloudProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "server.json").unlink(missing_ok=True)
+        # REST is on the gRPC port + 1, as clients derive it (dual_deploy.emulator_hosts), also on free ports.
+        # (server.json is not removed first: a stale one names another pid, and a live one belongs to a
+        # server this start must not disturb; it is refused with StateDirBusy.)
+        self.grpc_port = self.grpc_port or _free_port_pair()
         cmd = [self.python, "-m", "localcloud", "--state-dir", str(self.state_dir),
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.grpc_port + 1 if self.grpc_port else 0)]
+               "--grpc-port", str(self.grpc_port), "--http-port", str(self.grpc_port + 1)]
         if self.config:
             cmd += ["--config", str(self.config)]
         if self.storage_emulator_host:

@@ -11,7 +11,7 @@ from concurrent import futures
 import grpc
 from google.cloud.aiplatform_v1 import types
 
-from localcloud.config import ServerConfig
+from localcloud.config import ServerConfig, StateDirBusy, lock_state_dir  # noqa: F401 - StateDirBusy re-exported
 from localcloud.endpoints import KIND as ENDPOINT
 from localcloud.endpoints import EndpointService
 from localcloud.errors import not_found
@@ -31,20 +31,11 @@ log = logging.getLogger("localcloud")
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # above the 1.5 MB predict limit, so that limit answers, not gRPC's
 
 
-class StateDirBusy(RuntimeError):
-    pass
-
-
 class LocalCloud:
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, lock_file=None):
         self.cfg = cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(cfg.state_dir / ".lock", "w")  # noqa: SIM115 - held for the server's lifetime
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StateDirBusy(f"another local Vertex AI server is using {cfg.state_dir} "
-                               f"(see {cfg.state_dir / 'server.json'}); stop it first (make stop)") from None
+        # One server per state dir (held for the server's lifetime; __main__ takes it before the imports).
+        self._lock_file = lock_file or lock_state_dir(cfg.state_dir)
         self.store = Store(cfg.state_dir / "localcloud.sqlite3")
         self.faults = Faults()
         self.operations = Operations(self.store, self.faults)
@@ -107,7 +98,7 @@ class LocalCloud:
 
     def state(self) -> dict:
         def dump(kind, cls):
-            return [type(m).to_dict(m) for m in self.store.list(kind, cls)]
+            return [type(m).to_dict(m, use_integers_for_enums=False) for m in self.store.list(kind, cls)]
 
         return {
             "custom_jobs": dump(JOB, types.CustomJob),
