@@ -99,21 +99,31 @@ class ModelService:
         if len(set(aliases)) != len(aliases):
             raise rules.invalid(f"model.version_aliases has duplicates: {aliases}")
 
+        if request.parent_model:
+            p_project, p_location, model_id, at = rules.parse_name(request.parent_model, "models")
+            if at or (p_project, p_location) != (project, location):
+                raise rules.invalid(f"parent_model '{request.parent_model}' must be a model of {request.parent}")
+        else:
+            model_id = request.model_id or str(self.store.next_id("model") + 1_000_000_000_000_000)
+        model_name = f"{request.parent}/models/{model_id}"
+        self._add_version(request, model_name, model, aliases, check_only=True)  # errors answer the call
+
+        def work():  # the version exists once the operation is done (a failed one leaves none)
+            version_id = self._add_version(request, model_name, model, aliases)
+            return types.UploadModelResponse(model=model_name, model_version_id=version_id)
+
+        return self.operations.start(model_name, "UploadModel",
+                                     types.UploadModelOperationMetadata(generic_metadata=_generic()), work)
+
+    def _add_version(self, request, model_name: str, model: types.Model, aliases: list[str],
+                     check_only: bool = False) -> str:
+        aliases = list(aliases)
         with self.store.tx():
-            if request.parent_model:
-                p_project, p_location, model_id, at = rules.parse_name(request.parent_model, "models")
-                if at or (p_project, p_location) != (project, location):
-                    raise rules.invalid(f"parent_model '{request.parent_model}' must be a model of {request.parent}")
-                model_name = f"{request.parent}/models/{model_id}"
-                existing = self.versions(model_name)
-                if not existing:
-                    raise not_found("Model", model_name)
-            else:
-                model_id = request.model_id or str(self.store.next_id("model") + 1_000_000_000_000_000)
-                model_name = f"{request.parent}/models/{model_id}"
-                existing = self.versions(model_name)
-                if existing:
-                    raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"Model {model_name} already exists")
+            existing = self.versions(model_name)
+            if request.parent_model and not existing:
+                raise not_found("Model", model_name)
+            if not request.parent_model and existing:
+                raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"Model {model_name} already exists")
             for v in existing:
                 taken = sorted(set(aliases) & set(v.version_aliases) - {"default"})
                 if taken:
@@ -121,6 +131,8 @@ class ModelService:
                                         f"model {model_name}; aliases are unique within a model "
                                         "(MergeVersionAliases moves one)")
             version_id = str(max((int(v.version_id) for v in existing), default=0) + 1)
+            if check_only:
+                return version_id
             if not existing and "default" not in aliases:
                 aliases.append("default")  # the first version is the default one
             if "default" in aliases:
@@ -138,11 +150,7 @@ class ModelService:
             model.create_time = existing[0].create_time if existing else ts
             model.update_time = ts
             self.store.put(KIND, f"{model_name}@{version_id}", model, parent=model_name)
-
-        response = types.UploadModelResponse(model=model_name, model_version_id=version_id)
-        return self.operations.start(model_name, "UploadModel",
-                                     types.UploadModelOperationMetadata(generic_metadata=_generic()),
-                                     lambda: response)
+        return version_id
 
     def merge_version_aliases(self, request: types.MergeVersionAliasesRequest) -> types.Model:
         _, _, _, at = rules.parse_name(request.name, "models")
@@ -176,7 +184,7 @@ class ModelService:
         return self._with_refs(target)
 
     def delete_model_version(self, request: types.DeleteModelVersionRequest) -> operations_pb2.Operation:
-        with self.store.tx():
+        def check() -> types.Model:
             version = self.resolve(request.name)
             if "default" in version.version_aliases:
                 raise failed_precondition(f"Version {version.version_id} of {version.name} is the default version; "
@@ -184,25 +192,39 @@ class ModelService:
             if version.deployed_models:
                 raise failed_precondition(f"Version {version.version_id} of {version.name} is deployed to "
                                           f"{[r.endpoint for r in version.deployed_models]}; undeploy it first")
-            self.store.delete(KIND, f"{version.name}@{version.version_id}")
+            return version
+
+        version = check()
+
+        def work():  # deleted when the operation is done
+            with self.store.tx():
+                self.store.delete(KIND, f"{version.name}@{check().version_id}")
+
         return self.operations.start(version.name, "DeleteModelVersion",
-                                     types.DeleteOperationMetadata(generic_metadata=_generic()), lambda: None)
+                                     types.DeleteOperationMetadata(generic_metadata=_generic()), work)
 
     def delete_model(self, request: types.DeleteModelRequest) -> operations_pb2.Operation:
         project, location, model_id, at = rules.parse_name(request.name, "models")
         if at:
             raise rules.invalid("DeleteModel takes a model name without @version (use DeleteModelVersion)")
-        with self.store.tx():
+        def check() -> list[types.Model]:
             versions = self.versions(request.name)
             if not versions:
                 raise not_found("Model", request.name)
             deployed = [v.version_id for v in versions if self._with_refs(v).deployed_models]
             if deployed:
                 raise failed_precondition(f"Model {request.name} has deployed versions {deployed}; undeploy them first")
-            for v in versions:
-                self.store.delete(KIND, f"{request.name}@{v.version_id}")
+            return versions
+
+        check()
+
+        def work():  # deleted when the operation is done
+            with self.store.tx():
+                for v in check():
+                    self.store.delete(KIND, f"{request.name}@{v.version_id}")
+
         return self.operations.start(request.name, "DeleteModel",
-                                     types.DeleteOperationMetadata(generic_metadata=_generic()), lambda: None)
+                                     types.DeleteOperationMetadata(generic_metadata=_generic()), work)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return service_handler(SERVICE, {
