@@ -98,15 +98,23 @@ class EndpointService:
             raise rules.invalid("A new endpoint cannot have deployed_models or traffic_split; use DeployModel")
         endpoint_id = request.endpoint_id or str(self.store.next_id("endpoint") + 2_000_000_000_000_000)
         name = f"{request.parent}/endpoints/{endpoint_id}"
-        with self.store.tx():
+
+        def exists_check():
             if self.store.get(KIND, name, types.Endpoint) is not None:
                 raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"Endpoint {name} already exists")
-            endpoint.name = name
-            endpoint.create_time = now()
-            self._save(endpoint)
+
+        exists_check()
+
+        def work():  # the endpoint exists once the operation is done (a failed one leaves none)
+            with self.store.tx():
+                exists_check()
+                endpoint.name = name
+                endpoint.create_time = now()
+                self._save(endpoint)
+            return self.endpoint(name)
+
         return self.operations.start(name, "CreateEndpoint",
-                                     types.CreateEndpointOperationMetadata(generic_metadata=_generic()),
-                                     lambda: self.endpoint(name))
+                                     types.CreateEndpointOperationMetadata(generic_metadata=_generic()), work)
 
     def get_endpoint(self, request: types.GetEndpointRequest) -> types.Endpoint:
         return self.endpoint(request.name)
@@ -137,24 +145,30 @@ class EndpointService:
                 rules.labels(dict(request.endpoint.labels), "endpoint")
                 current.labels = dict(request.endpoint.labels)
             if "traffic_split" in paths:
+                # Sums to 100, or is empty: "if the Endpoint is to not accept any traffic at a moment".
                 ids = {dm.id for dm in current.deployed_models}
-                split = rules.traffic_split(dict(request.endpoint.traffic_split), ids)
-                if ids and not split:
-                    raise rules.invalid("traffic_split cannot be empty while models are deployed")
-                current.traffic_split = split
+                current.traffic_split = rules.traffic_split(dict(request.endpoint.traffic_split), ids)
             self._save(current)
             self.serving.set_split(current.name, dict(current.traffic_split))
         return current
 
     def delete_endpoint(self, request: types.DeleteEndpointRequest) -> operations_pb2.Operation:
-        with self.store.tx():
+        def check():
             current = self.endpoint(request.name)
             if current.deployed_models:
                 raise failed_precondition(f"Endpoint {request.name} has deployed models "
                                           f"{[dm.id for dm in current.deployed_models]}; undeploy them first")
-            self.store.delete(KIND, request.name)
+
+        check()
+
+        def work():
+            with self.store.tx():
+                check()
+                self.store.delete(KIND, request.name)
+                self.serving.set_split(request.name, {})
+
         return self.operations.start(request.name, "DeleteEndpoint",
-                                     types.DeleteOperationMetadata(generic_metadata=_generic()), lambda: None)
+                                     types.DeleteOperationMetadata(generic_metadata=_generic()), work)
 
     # ---- deployments
     def deploy_model(self, request: types.DeployModelRequest) -> operations_pb2.Operation:
@@ -211,8 +225,11 @@ class EndpointService:
             finally:
                 self._release(endpoint.name)
 
-        def undo(_error):
-            self.serving.stop(endpoint.name, dm.id, drain=False)
+        def undo(_error):  # also when an injected fault fails the operation before work() runs
+            try:
+                self.serving.stop(endpoint.name, dm.id, drain=False)
+            finally:
+                self._release(endpoint.name)
 
         return self.operations.start(endpoint.name, "DeployModel",
                                      types.DeployModelOperationMetadata(generic_metadata=_generic()), work, undo)
@@ -235,7 +252,7 @@ class EndpointService:
                     f"endpoint {endpoint.name}'s traffic; give traffic_split for the remaining models "
                     f"{sorted(remaining)} (or update the endpoint's traffic split first)")
             split.pop(request.deployed_model_id, None)
-        if remaining and sum(split.values()) != 100:
+        if remaining and split and sum(split.values()) != 100:  # empty: the endpoint takes no traffic
             raise rules.invalid(f"The traffic split after undeploying must sum to 100, got {split}")
         self._claim(endpoint.name)
 
@@ -254,7 +271,8 @@ class EndpointService:
                 self._release(endpoint.name)
 
         return self.operations.start(endpoint.name, "UndeployModel",
-                                     types.UndeployModelOperationMetadata(generic_metadata=_generic()), work)
+                                     types.UndeployModelOperationMetadata(generic_metadata=_generic()), work,
+                                     lambda _error: self._release(endpoint.name))
 
     def mutate_deployed_model(self, request: types.MutateDeployedModelRequest) -> operations_pb2.Operation:
         paths = set(request.update_mask.paths)
@@ -267,30 +285,42 @@ class EndpointService:
         if target is None:
             raise not_found("DeployedModel", f"{request.endpoint}/deployedModels/{request.deployed_model.id}")
         new = request.deployed_model
+        if "display_name" in paths:
+            rules.display_name(new.display_name, "deployed_model")
+        min_path, max_path = "dedicated_resources.min_replica_count", "dedicated_resources.max_replica_count"
+        res = target.dedicated_resources
+        min_count = new.dedicated_resources.min_replica_count if min_path in paths else res.min_replica_count
+        max_count = new.dedicated_resources.max_replica_count if max_path in paths else res.max_replica_count
+        if min_path in paths and min_count < 1:
+            raise rules.invalid("dedicated_resources.min_replica_count must be at least 1")
+        if max_count and max_count < min_count:
+            raise rules.invalid(f"dedicated_resources.max_replica_count ({max_count}) must be >= "
+                                f"min_replica_count ({min_count})")
         self._claim(endpoint.name)
 
         def work():
             try:
+                if min_path in paths:  # first the processes (all healthy, or none added), then the record
+                    self.serving.resize(endpoint.name, target.id, min_count)
                 with self.store.tx():
                     current = self.endpoint(endpoint.name)
                     dm = next(d for d in current.deployed_models if d.id == target.id)
                     if "display_name" in paths:
-                        dm.display_name = rules.display_name(new.display_name, "deployed_model")
-                    if "dedicated_resources.min_replica_count" in paths:
-                        dm.dedicated_resources.min_replica_count = new.dedicated_resources.min_replica_count
-                    if "dedicated_resources.max_replica_count" in paths:
-                        dm.dedicated_resources.max_replica_count = new.dedicated_resources.max_replica_count
+                        dm.display_name = new.display_name
+                    if min_path in paths:
+                        dm.dedicated_resources.min_replica_count = min_count
+                    if max_path in paths:
+                        dm.dedicated_resources.max_replica_count = max_count
                     if "disable_container_logging" in paths:
                         dm.disable_container_logging = new.disable_container_logging
                     self._save(current)
-                if "dedicated_resources.min_replica_count" in paths:
-                    self.serving.resize(endpoint.name, dm.id, dm.dedicated_resources.min_replica_count)
                 return types.MutateDeployedModelResponse(deployed_model=dm)
             finally:
                 self._release(endpoint.name)
 
         return self.operations.start(endpoint.name, "MutateDeployedModel",
-                                     types.MutateDeployedModelOperationMetadata(generic_metadata=_generic()), work)
+                                     types.MutateDeployedModelOperationMetadata(generic_metadata=_generic()), work,
+                                     lambda _error: self._release(endpoint.name))
 
     def handler(self) -> grpc.GenericRpcHandler:
         return service_handler(SERVICE, {

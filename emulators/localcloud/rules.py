@@ -80,8 +80,9 @@ def traffic_split(split: dict[str, int], allowed_ids: set[str]) -> dict[str, int
     split = {str(k): int(v) for k, v in split.items()}
     unknown = sorted(set(split) - allowed_ids)
     if unknown:
-        raise invalid(f"traffic_split names deployed model(s) {unknown} that are not on the endpoint "
-                      f"(deployed: {sorted(allowed_ids - {'0'})})")
+        # Vertex AI's wording, plus what is deployed.
+        raise invalid(f"The following DeployedModel ID(s) {unknown} do not exist. "
+                      f"(deployed on the endpoint: {sorted(allowed_ids - {'0'})})")
     negative = {k: v for k, v in split.items() if v < 0}
     if negative:
         raise invalid(f"traffic_split values must be non-negative, got {negative}")

@@ -33,6 +33,9 @@ from localcloud.store import Store
 log = logging.getLogger("localcloud.serving")
 
 _http = urllib3.PoolManager(maxsize=64, block=False, retries=False)
+# Vertex AI's message for a deployment whose container never answers its health route.
+NEVER_READY = ("Model server never became ready. Please validate that your model file or container "
+               "configuration are valid.")
 
 
 def free_port(host: str) -> int:
@@ -57,6 +60,7 @@ class Deployment:
     deployed_model: types.DeployedModel
     model: types.Model  # the deployed version
     replicas: list[Replica] = field(default_factory=list)
+    deploying: bool = False  # DeployModel is still starting it: a replica that dies fails the deploy
     lock: threading.Condition = field(default_factory=threading.Condition)
     _rr: itertools.count = field(default_factory=itertools.count)
 
@@ -132,8 +136,8 @@ class ServingRuntime:
         while time.monotonic() < deadline and not self._stop.is_set():
             if not runtime.alive(r.pid):
                 raise failed_precondition(
-                    f"Model server never became ready: the container of deployed model {d.id} exited. "
-                    f"Last log lines ({self._log_path(d, r)}):\n{runtime.tail(self._log_path(d, r))}")
+                    f"{NEVER_READY} The container of deployed model {d.id} exited. Model server logs: "
+                    f"{self._log_path(d, r)}. Last lines:\n{runtime.tail(self._log_path(d, r))}")
             try:
                 resp = _http.request("GET", self._health_url(d, r), timeout=2.0)
                 if resp.status == 200:
@@ -143,16 +147,20 @@ class ServingRuntime:
             except urllib3.exceptions.HTTPError:
                 pass
             time.sleep(0.2)
+        if self._stop.is_set():  # the server is stopping: the DeployModel operation ends ABORTED
+            raise RpcError(grpc.StatusCode.ABORTED, "interrupted by a restart of the local Vertex AI server; "
+                                                    "retry the call")
         raise failed_precondition(
-            f"Model server never became ready within {timeout_s:.0f} s (deployed model {d.id}: "
-            f"{self._health_url(d, r)} did not answer 200). Last log lines:\n{runtime.tail(self._log_path(d, r))}")
+            f"{NEVER_READY} Deployed model {d.id}: {self._health_url(d, r)} did not answer 200 within "
+            f"{timeout_s:.0f} s. Model server logs: {self._log_path(d, r)}. Last lines:\n"
+            f"{runtime.tail(self._log_path(d, r))}")
 
     def start(self, endpoint: str, deployed_model: types.DeployedModel, model: types.Model,
               wait: bool = True) -> Deployment:
         """Start the replicas of a deployed model; with ``wait`` block until all are healthy (raises
         FAILED_PRECONDITION, after stopping them, when one never becomes ready)."""
         count = max(1, deployed_model.dedicated_resources.min_replica_count or 1)
-        d = Deployment(endpoint, deployed_model, model, [Replica(i) for i in range(count)])
+        d = Deployment(endpoint, deployed_model, model, [Replica(i) for i in range(count)], deploying=wait)
         with self._lock:
             self.deployments[(endpoint, d.id)] = d
         try:
@@ -161,6 +169,7 @@ class ServingRuntime:
             if wait:
                 for r in d.replicas:
                     self._wait_ready(d, r, self.cfg.deploy_timeout_s)
+                d.deploying = False
             else:
                 for r in d.replicas:
                     threading.Thread(target=self._ready_quietly, args=(d, r), daemon=True).start()
@@ -177,12 +186,27 @@ class ServingRuntime:
         if d is None:
             return
         count = max(1, count)
-        while len(d.replicas) < count:
-            r = Replica(len(d.replicas))
-            self._launch(d, r)
+        added: list[Replica] = []
+        d.deploying = True
+        try:
+            while len(d.replicas) < count:
+                r = Replica(len(d.replicas))
+                self._launch(d, r)
+                with d.lock:
+                    d.replicas.append(r)
+                added.append(r)
+                self._wait_ready(d, r, self.cfg.deploy_timeout_s)
+        except Exception:  # none of the new replicas stays: the deployed model keeps its old size
             with d.lock:
-                d.replicas.append(r)
-            self._wait_ready(d, r, self.cfg.deploy_timeout_s)
+                for r in added:
+                    r.stopping = True
+                d.replicas = [r for r in d.replicas if r not in added]
+            for r in added:
+                runtime.stop_group(r.pid, grace_s=5)
+                self.store.delete_value(f"replica:{endpoint}/{deployed_model_id}/{r.index}")
+            raise
+        finally:
+            d.deploying = False
         surplus = d.replicas[count:]
         with d.lock:
             for r in surplus:
@@ -233,18 +257,23 @@ class ServingRuntime:
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
-            for d in list(self.deployments.values()):
-                for r in d.replicas:
-                    if r.stopping or not r.pid or runtime.alive(r.pid):
-                        continue
-                    log.warning("deployed model %s replica %d (pid %d) exited; restarting it", d.id, r.index, r.pid)
-                    with d.lock:
+            with self._lock:
+                deployments = list(self.deployments.values())
+            for d in deployments:
+                if d.deploying:  # a replica dying while DeployModel waits fails the deploy instead
+                    continue
+                for r in list(d.replicas):
+                    with d.lock:  # stop() marks replicas stopping under this lock: never relaunch those
+                        if r.stopping or not r.pid or runtime.alive(r.pid):
+                            continue
+                        log.warning("deployed model %s replica %d (pid %d) exited; restarting it",
+                                    d.id, r.index, r.pid)
                         r.ready = False
-                    try:
-                        self._launch(d, r)
-                    except Exception:
-                        log.exception("restarting deployed model %s replica %d failed", d.id, r.index)
-                        continue
+                        try:
+                            self._launch(d, r)
+                        except Exception:
+                            log.exception("restarting deployed model %s replica %d failed", d.id, r.index)
+                            continue
                     threading.Thread(target=self._ready_quietly, args=(d, r), daemon=True).start()
 
     # ---- routing
@@ -253,16 +282,18 @@ class ServingRuntime:
             self.splits[endpoint] = {k: int(v) for k, v in split.items() if int(v) > 0}
 
     def route(self, endpoint: str) -> tuple[Deployment, Replica]:
+        # Split, deployment and replica are picked under the lock set_split() takes, and the replica's
+        # in-flight count is raised before it is released: a model leaving the split is either not
+        # chosen or drained by stop(), so promotion and undeploy never fail a request.
         with self._lock:
             split = dict(self.splits.get(endpoint) or {})
-        if not split:
-            raise failed_precondition(f"Endpoint {endpoint} has no deployed model with traffic; deploy a model "
-                                      "or set the traffic split")
-        ids = list(split)
-        chosen = random.choices(ids, weights=[split[i] for i in ids])[0]
-        with self._lock:
+            if not split:
+                # Vertex AI's answer (HTTP 400) for an endpoint whose split is empty.
+                raise failed_precondition(f"Endpoint {endpoint} doesn't have traffic_split.")
+            ids = list(split)
+            chosen = random.choices(ids, weights=[split[i] for i in ids])[0]
             d = self.deployments.get((endpoint, chosen))
-        replica = d.pick() if d else None
+            replica = d.pick() if d else None
         if replica is None:
             raise RpcError(grpc.StatusCode.UNAVAILABLE,
                            f"Deployed model {chosen} of endpoint {endpoint} has no ready replica (starting or "
@@ -275,9 +306,17 @@ class ServingRuntime:
         spec = d.model.container_spec
         endpoint_id = d.endpoint.rsplit("/", 1)[-1]
         route = spec.predict_route or f"/v1/endpoints/{endpoint_id}/deployedModels/{d.id}:predict"
+        url = f"http://{self.cfg.host}:{r.port}{route}"
         try:
-            resp = _http.request("POST", f"http://{self.cfg.host}:{r.port}{route}", body=body,
-                                 headers={"Content-Type": content_type}, timeout=self.cfg.predict_timeout_s)
+            try:
+                resp = _http.request("POST", url, body=body, headers={"Content-Type": content_type},
+                                     timeout=self.cfg.predict_timeout_s)
+            except urllib3.exceptions.ProtocolError:
+                # Mostly a pooled keep-alive connection the model server had just closed (idle
+                # timeout): send once more on a fresh connection (a prediction is idempotent).
+                resp = _http.request("POST", url, body=body, headers={"Content-Type": content_type,
+                                                                      "Connection": "close"},
+                                     timeout=self.cfg.predict_timeout_s)
             return resp.status, resp.data, resp.headers.get("Content-Type", "application/json")
         except urllib3.exceptions.HTTPError as e:
             raise RpcError(grpc.StatusCode.UNAVAILABLE,
