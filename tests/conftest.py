@@ -140,13 +140,19 @@ def localcloud(gcs_emulator, tmp_path_factory):
 
     root = Path(__file__).resolve().parents[1]
     state = tmp_path_factory.mktemp("localcloud")
-    # The project's image mapping plus two test images: instant stand-ins for the trainer and the
-    # serving container (tests/fakes/), for tests of the cloud-facing code that need no TensorFlow.
+    # The project's image mapping plus test images: instant stand-ins for the trainer (tests/fakes/) and
+    # the serving container (localcloud/stand_in_model.py: good, wrong labels, slow), for tests of the
+    # cloud-facing code that need no TensorFlow.
     cfg = yaml.safe_load((root / "emulators" / "localcloud.yaml").read_text())
     cfg["root"] = str(root)
+    stand_in = ["{python}", "{root}/emulators/localcloud/stand_in_model.py"]
     cfg["images"] += [
         {"match": "*/dual-deploy-test/fake-trainer*", "entrypoint": ["{python}", "{root}/tests/fakes/trainer.py"]},
-        {"match": "*/dual-deploy-test/fake-serving*", "entrypoint": ["{python}", "{root}/tests/fakes/model_server.py"]},
+        {"match": "*/dual-deploy-test/fake-serving:*", "entrypoint": stand_in},
+        {"match": "*/dual-deploy-test/fake-serving-bad-labels:*", "entrypoint": stand_in,
+         "env": {"STAND_IN_LABEL": "not-a-class"}},
+        {"match": "*/dual-deploy-test/fake-serving-slow:*", "entrypoint": stand_in,
+         "env": {"STAND_IN_PREDICT_DELAY_S": "2"}},
     ]
     (state / "localcloud.yaml").write_text(yaml.safe_dump(cfg))
     server = LocalCloudProcess(state / "server", config=state / "localcloud.yaml", storage_emulator_host=gcs_emulator)

@@ -7,8 +7,10 @@ triggerer does (re-created from its serialized form, in asyncio). Failures are r
 server's fault injection or by killing the worker. After each scenario the server's state is
 checked: jobs, model versions and aliases, the endpoint's deployed models and traffic split.
 
-The trainer and serving containers are instant stand-ins (tests/fakes/), mapped to test images by
-the fixture; the real ones run in the end-to-end DAG tests.
+The trainer and serving containers are instant stand-ins (tests/fakes/trainer.py,
+localcloud/stand_in_model.py), mapped to test images by the fixture: a version registered with the
+``-bad-labels`` image answers labels the model does not have, the ``-slow`` one takes 2 s per
+prediction. The real ones run in the end-to-end DAG tests.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dualml.dataset import SplitManifest
 
 PROJECT, REGION = "local-project", "us-central1"
 FAKE_TRAINER = "localhost/dual-deploy-test/fake-trainer:1"
-FAKE_SERVING = "localhost/dual-deploy-test/fake-serving:1"
+FAKE_SERVING = "localhost/dual-deploy-test/fake-serving{}:1"  # "", "-bad-labels" or "-slow" (conftest.py)
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("localcloud")
@@ -216,8 +218,10 @@ def test_clearing_the_deferred_task_cancels_its_job(localcloud, bucket):
 
 
 def register_op(name: str, artifact_uri: str, run: str) -> RegisterModelVersionOperator:
+    behaviour = next((b for b in ("bad-labels", "slow") if b in artifact_uri), None)
     return RegisterModelVersionOperator(task_id="register_model", project_id=PROJECT, region=REGION,
-                                        display_name=name, artifact_uri=artifact_uri, serving_image=FAKE_SERVING,
+                                        display_name=name, artifact_uri=artifact_uri,
+                                        serving_image=FAKE_SERVING.format(f"-{behaviour}" if behaviour else ""),
                                         version_aliases=[f"run-{run}"])
 
 

@@ -68,7 +68,7 @@ class Handler(BaseHTTPRequestHandler):
         version = os.environ.get("STAND_IN_VERSION") or os.environ.get("AIP_STORAGE_URI", "")
         label = os.environ.get("STAND_IN_LABEL", "daisy")
         self._send(200, {"predictions": [
-            {"label": label, "version": version, "deployed_model_id": os.environ.get("AIP_DEPLOYED_MODEL_ID", ""),
+            {"label": label, "confidence": 0.9, "version": version, "deployed_model_id": os.environ.get("AIP_DEPLOYED_MODEL_ID", ""),
              "pid": os.getpid(), "index": i}
             for i, _ in enumerate(instances)
         ]})
