@@ -218,7 +218,7 @@ class JobService:
             base_env.update(AIP_MODEL_DIR=f"{prefix}/model/", AIP_CHECKPOINT_DIR=f"{prefix}/checkpoints/",
                             AIP_TENSORBOARD_LOG_DIR=f"{prefix}/logs/")
         total = sum(p.replica_count for p in pools)
-        addresses = {p: [f"{self.cfg.host}:{free_port(self.cfg.host)}" for _ in range(pool.replica_count)]
+        addresses = {p: [f"{runtime.LOOPBACK}:{free_port(runtime.LOOPBACK)}" for _ in range(pool.replica_count)]
                      for p, pool in enumerate(pools)}
         out = {}
         for p, pool in enumerate(pools):

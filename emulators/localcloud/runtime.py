@@ -19,6 +19,11 @@ from pathlib import Path
 from localcloud.config import ServerConfig
 
 
+# Containers run on this machine, beside the server: the server reaches them (and job replicas each
+# other) on loopback, whatever address the server itself listens on (0.0.0.0 in docker compose).
+LOOPBACK = "127.0.0.1"
+
+
 class ImageNotMapped(RuntimeError):
     pass
 

@@ -106,7 +106,7 @@ class ServingRuntime:
         endpoint_id = d.endpoint.rsplit("/", 1)[-1]
         project = d.endpoint.split("/")[1]
         argv, image_env = runtime.container_argv(self.cfg, spec.image_uri, list(spec.command), list(spec.args))
-        r.port = free_port(self.cfg.host)
+        r.port = free_port(runtime.LOOPBACK)
         vertex_env = {
             "AIP_HTTP_PORT": str(r.port),
             "AIP_PREDICT_ROUTE": spec.predict_route or f"/v1/endpoints/{endpoint_id}/deployedModels/{d.id}:predict",
@@ -129,7 +129,7 @@ class ServingRuntime:
         spec = d.model.container_spec
         endpoint_id = d.endpoint.rsplit("/", 1)[-1]
         route = spec.health_route or f"/v1/endpoints/{endpoint_id}/deployedModels/{d.id}"
-        return f"http://{self.cfg.host}:{r.port}{route}"
+        return f"http://{runtime.LOOPBACK}:{r.port}{route}"
 
     def _wait_ready(self, d: Deployment, r: Replica, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -306,7 +306,7 @@ class ServingRuntime:
         spec = d.model.container_spec
         endpoint_id = d.endpoint.rsplit("/", 1)[-1]
         route = spec.predict_route or f"/v1/endpoints/{endpoint_id}/deployedModels/{d.id}:predict"
-        url = f"http://{self.cfg.host}:{r.port}{route}"
+        url = f"http://{runtime.LOOPBACK}:{r.port}{route}"
         try:
             try:
                 resp = _http.request("POST", url, body=body, headers={"Content-Type": content_type},
