@@ -6,15 +6,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: help setup lock tools test test-fast test-ui lint run stop up down trigger status bench clean
+.PHONY: help setup lock tools test test-fast test-ui lint run stop serve up down trigger status bench clean
 .PHONY: composer-bundle composer-upload
 .PHONY: prune env
 
 help:
 	@echo "make setup   - create .venv with exactly the versions in requirements.lock (uv, ~1-2 min)"
 	@echo "make lock    - re-compile requirements.lock after editing requirements*.txt (LOCK_ARGS=--upgrade)"
-	@echo "make run     - sample data -> GCS emulator -> Airflow -> dual_deployment DAG (DATA=/path/to/folder to use yours)"
-	@echo "make stop    - stop the emulator and endpoint processes make run started"
+	@echo "make run     - sample data -> GCS emulator + local Vertex AI server -> Airflow -> dual_deployment DAG (DATA=/path/to/folder)"
+	@echo "make stop    - stop everything make run started (an in-progress run, the local Vertex AI server, the GCS emulator)"
+	@echo "make serve   - bring the local cloud back: the deployed models serve again (after make stop)"
 	@echo "make prune   - delete old run artifacts (KEEP=5 newest kept, and whatever serves or is published; DRY_RUN=1)"
 	@echo "make env     - .env for docker compose with generated secrets (keeps values already set)"
 	@echo "make up      - Airflow 3 UI on http://localhost:8080 + local cloud as processes (UNPAUSE=1, API_PORT=...)"
@@ -76,6 +77,11 @@ run: setup
 stop:
 	@bash scripts/stop_local.sh
 
+# The local cloud without a run: the GCS emulator + the local Vertex AI server, which serves every
+# deployed model again (after make stop or a reboot).
+serve: setup
+	@bash scripts/serve_local.sh
+
 # Retention of old run folders under the artifacts root (plugins/dual_deploy/retention.py).
 KEEP ?= 5
 prune: setup
@@ -88,10 +94,10 @@ env:
 
 # The local Airflow stack (api-server, scheduler, dag-processor, triggerer + local cloud) as processes;
 # state in .state/ (AIRFLOW_HOME .state/airflow-up). Ports: API_PORT (8080), GCS_PORT (9023),
-# LOG_PORT (8793), TRIGGER_LOG_PORT (8794). UNPAUSE=1 unpauses both DAGs (their schedules start).
+# VERTEX_PORT (9010, REST on +1), LOG_PORT (8793), TRIGGER_LOG_PORT (8794). UNPAUSE=1 unpauses both DAGs.
 up: setup
 	@API_PORT=$(API_PORT) LOG_PORT=$(LOG_PORT) TRIGGER_LOG_PORT=$(TRIGGER_LOG_PORT) $(if $(GCS_PORT),GCS_PORT=$(GCS_PORT)) \
-	  UNPAUSE=$(UNPAUSE) bash scripts/stack.sh up "$(DATA)"
+	  $(if $(VERTEX_PORT),VERTEX_PORT=$(VERTEX_PORT)) UNPAUSE=$(UNPAUSE) bash scripts/stack.sh up "$(DATA)"
 
 down:
 	@bash scripts/stack.sh down

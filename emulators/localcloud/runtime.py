@@ -18,7 +18,6 @@ from pathlib import Path
 
 from localcloud.config import ServerConfig
 
-
 # Containers run on this machine, beside the server: the server reaches them (and job replicas each
 # other) on loopback, whatever address the server itself listens on (0.0.0.0 in docker compose).
 LOOPBACK = "127.0.0.1"
@@ -84,6 +83,46 @@ def stop_group(pid: int, grace_s: float = 10, sig: int = signal.SIGTERM) -> None
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def listening_pids(port: int) -> set[int] | None:
+    """Pids (in this machine's process table) holding a socket that listens on TCP ``port``; None when
+    /proc cannot tell (not Linux). Used to check that the server answering on a replica's port is the
+    replica just started, not another process that held the port."""
+    inodes = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    parts = line.split()
+                    local, state, inode = parts[1], parts[3], parts[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        inodes.add(f"socket:[{inode}]")
+    except OSError:
+        return None
+    owners = set()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (pid_dir / "fd").iterdir()):
+                owners.add(int(pid_dir.name))
+        except OSError:
+            continue
+    return owners
+
+
+def session_pids(leader: int) -> set[int]:
+    """``leader`` and every process in its session (what a container's entrypoint started)."""
+    out = {leader}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == leader:  # field 6 of stat: session id
+            out.add(int(stat.parent.name))
+    return out
 
 
 def tail(path: Path, lines: int = 15) -> str:

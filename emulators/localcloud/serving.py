@@ -141,6 +141,7 @@ class ServingRuntime:
             try:
                 resp = _http.request("GET", self._health_url(d, r), timeout=2.0)
                 if resp.status == 200:
+                    self._check_owner(d, r)
                     with d.lock:
                         r.ready = True
                     return
@@ -154,6 +155,17 @@ class ServingRuntime:
             f"{NEVER_READY} Deployed model {d.id}: {self._health_url(d, r)} did not answer 200 within "
             f"{timeout_s:.0f} s. Model server logs: {self._log_path(d, r)}. Last lines:\n"
             f"{runtime.tail(self._log_path(d, r))}")
+
+    def _check_owner(self, d: Deployment, r: Replica) -> None:
+        """The 200 must come from this replica: another process may hold the port (taken between
+        choosing it and the replica binding it, which then fails with "Address already in use")."""
+        owners = runtime.listening_pids(r.port)
+        if owners is None or owners & runtime.session_pids(r.pid):
+            return
+        raise failed_precondition(
+            f"{NEVER_READY} Port {r.port} of deployed model {d.id} is held by another process (pid(s) "
+            f"{sorted(owners)}), which answered its health route; the model server (pid {r.pid}) could not "
+            f"listen there. Last log lines:\n{runtime.tail(self._log_path(d, r))}")
 
     def start(self, endpoint: str, deployed_model: types.DeployedModel, model: types.Model,
               wait: bool = True) -> Deployment:

@@ -237,19 +237,80 @@ def request_ready_image(image_path: str, out_dir: str) -> str:
     return str(out)
 
 
+def serving_state(rest: str | None = None) -> dict | None:
+    """What the local Vertex AI server serves right now (its admin state), or None when it is not up.
+    ``rest``: its REST address (default: from VERTEX_AI_EMULATOR_HOST, REST on the next port)."""
+    if rest is None:
+        host = os.environ.get("VERTEX_AI_EMULATOR_HOST")
+        if not host:
+            return None
+        name, _, port = host.rpartition(":")
+        rest = f"{name}:{int(port) + 1}"
+    try:
+        with urllib.request.urlopen(f"http://{rest}/localcloud/state", timeout=10) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+def serving_lines(state: dict | None) -> list[str]:
+    """One line per endpoint: which model versions take its traffic, and whether their replicas are ready."""
+    if state is None:
+        return ["nothing serves: the local Vertex AI server is not running (make serve brings the endpoints back)"]
+    versions = {(v["name"], v["version_id"]): v for v in state.get("model_versions", [])}
+    lines = []
+    for ep in state.get("endpoints", []):
+        parts = []
+        for dm in ep.get("deployed_models", []):
+            replicas = state.get("replicas", {}).get(f"{ep['name']}/{dm['id']}", [])
+            ready = sum(1 for r in replicas if r.get("ready"))
+            model = versions.get((dm["model"], dm["model_version_id"]), {})
+            parts.append(f"{model.get('display_name', dm['model'])} v{dm['model_version_id']} "
+                         f"{ep.get('traffic_split', {}).get(dm['id'], 0)} % ({ready}/{len(replicas)} replicas ready)")
+        lines.append(f"endpoint {ep['display_name']}: " + (", ".join(parts) or "no deployed model"))
+    return lines or ["no endpoint exists yet"]
+
+
+def check_serving(summary: dict, state: dict | None) -> list[str]:
+    """Problems between what the run summary says each endpoint target serves and what actually does."""
+    problems = []
+    for name, t in summary.get("targets", {}).items():
+        endpoint = t.get("endpoint") or {}
+        if t.get("kind") != "endpoint" or not endpoint.get("endpoint_id"):
+            continue
+        if state is None:
+            problems.append(f"[{name}] the summary says version {endpoint.get('model_version_id')} serves, but the "
+                            "local Vertex AI server is not running: nothing answers (make serve)")
+            continue
+        ep = next((e for e in state.get("endpoints", []) if e["name"].endswith("/" + endpoint["endpoint_id"])), None)
+        live = {dm["id"]: dm["model_version_id"] for dm in (ep or {}).get("deployed_models", [])}
+        split = (ep or {}).get("traffic_split", {})
+        serving = {live[k] for k, v in split.items() if v and k in live}
+        if serving != {str(endpoint.get("model_version_id"))}:
+            problems.append(f"[{name}] the summary says version {endpoint.get('model_version_id')} serves; the "
+                            f"endpoint serves {sorted(serving) or 'nothing'}")
+    return problems
+
+
 def show_summary(path: str, endpoint_example_image: str | None = None) -> None:
     from dual_deploy.operators.summary import render_text
 
     summary = json.loads(Path(path).read_text())
     print(render_text(summary))
     print(f"\nrun summary: {Path(path).resolve()}  (also at {summary.get('summary_uri')})")
+    state = serving_state()
+    print("\nServing now (local Vertex AI server):")
+    for line in serving_lines(state):
+        print("  " + line)
+    for problem in check_serving(summary, state):
+        print("  WARNING: " + problem)
     for t in summary["targets"].values():
         url = (t.get("endpoint") or {}).get("prediction_url")
-        if url and endpoint_example_image:
+        if url and endpoint_example_image and state is not None:
             image = request_ready_image(endpoint_example_image, str(Path(path).resolve().parent))
-            print("\nThe endpoint is up. Try it (Vertex AI request format):")
+            print("\nThe endpoint is up. Try it (Vertex AI REST request format):")
             print("  " + curl_example(url, image))
-            print("Stop it (and the GCS emulator) with: make stop")
+            print("Stop it (and the local cloud) with: make stop; bring it back with: make serve")
 
 
 def main(argv=None) -> None:
@@ -265,6 +326,7 @@ def main(argv=None) -> None:
     v.add_argument("--port", type=int, default=9010, help="gRPC port (VERTEX_AI_EMULATOR_HOST); REST on port + 1")
     v.add_argument("--state-dir", default=".state")
     v.add_argument("--storage-emulator-host", default=os.environ.get("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9023"))
+    sub.add_parser("serving", help="what the local Vertex AI server serves now")
     sub.add_parser("ensure-buckets", help="create the local platform's buckets (artifacts, Firebase) if absent")
     s = sub.add_parser("show-summary")
     s.add_argument("path")
@@ -275,6 +337,9 @@ def main(argv=None) -> None:
     elif a.cmd == "localcloud-start":
         info = start_localcloud(a.port, a.state_dir, a.storage_emulator_host)
         print(f"local Vertex AI server: gRPC {info['grpc']}, REST {info['http']} (pid {info['pid']})")
+    elif a.cmd == "serving":
+        for line in serving_lines(serving_state()):
+            print(line)
     elif a.cmd == "ensure-buckets":
         from dual_deploy.config import load_config
 
