@@ -521,7 +521,7 @@ def test_only_the_serving_files_are_downloaded(gcs_model_uri, model_dir, tmp_pat
 @pytest.fixture(scope="module")
 def gcs_server(gcs_model_uri, gcs_emulator, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serving_gcs") / "server.log"
-    env = {"STORAGE_EMULATOR_HOST": gcs_emulator, "SERVING_DRAIN_TIMEOUT_S": "300"}
+    env = {"STORAGE_EMULATOR_HOST": gcs_emulator, "SERVING_DRAIN_TIMEOUT_S": "300", "SERVING_INTRA_OP_THREADS": "1"}
     with run_server(gcs_model_uri, log_path, env) as srv:
         yield srv
 
@@ -534,6 +534,8 @@ def test_serves_model_from_gcs(gcs_server, gcs_model_uri, reference):
     log = gcs_server.log()
     assert f"loaded model from {gcs_model_uri}" in log
     assert f"skipped {len(TRAINER_EXTRAS)} others" in log
+    ready = [e for e in gcs_server.json_log() if e["message"].startswith("model ready after")]
+    assert ready and ready[0]["intra_op_threads"] == 1  # SERVING_INTRA_OP_THREADS reached TensorFlow
 
 
 def test_sigterm_drains_in_flight_requests(gcs_server, reference):

@@ -185,7 +185,8 @@ def create_app(
             "%d model calls at a time",
             state.ready_after_s, len(predictor.labels), ", ".join(predictor.labels), predictor.version,
             options.max_batch_size, options.batch_timeout_ms, options.batch_threads,
-            extra={FIELDS_ATTR: {"ready_after_s": round(state.ready_after_s, 2)}},
+            extra={FIELDS_ATTR: {"ready_after_s": round(state.ready_after_s, 2),
+                                 "intra_op_threads": getattr(predictor, "intra_op_threads", None)}},
         )
 
     @contextlib.asynccontextmanager

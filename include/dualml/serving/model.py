@@ -140,10 +140,19 @@ def resolve_version(model_dir: str, override: str | None = None) -> str | None:
 class Predictor:
     """The loaded model. Thread-safe: concurrent requests call the same concrete function."""
 
-    def __init__(self, model_dir: str, version: str | None = None, max_image_pixels: int = 40_000_000):
+    def __init__(
+        self,
+        model_dir: str,
+        version: str | None = None,
+        max_image_pixels: int = 40_000_000,
+        intra_op_threads: int | None = None,
+    ):
         import tensorflow as tf
 
         self._tf = tf
+        if intra_op_threads:
+            set_intra_op_threads(intra_op_threads)
+        self.intra_op_threads = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default
         self.model_dir = model_dir
         self.labels = _read_labels(model_dir)
         self.version = resolve_version(model_dir, version)
@@ -223,6 +232,18 @@ class Predictor:
             prediction_json(self.labels, probs[i].tolist(), labels[i].decode("utf-8"), idx[i], conf[i])
             for i in range(len(images))
         ]
+
+
+def set_intra_op_threads(n: int) -> None:
+    """Threads one TensorFlow op may use. Must run before TensorFlow's first op in the process."""
+    import tensorflow as tf
+
+    if tf.config.threading.get_intra_op_parallelism_threads() == n:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+    except RuntimeError as e:  # the runtime is already initialised (e.g. a test process)
+        log.warning("cannot set TensorFlow's intra-op threads to %d: %s", n, e)
 
 
 def _tf_reason(e: Exception) -> str:

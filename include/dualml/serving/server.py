@@ -12,6 +12,7 @@ Environment (set by Vertex AI; the flags of ``--help`` override them):
 - ``SERVING_MAX_CONCURRENT_REQUESTS`` (64): predict requests admitted at once, then 503
 - ``SERVING_MAX_INSTANCES`` (64), ``SERVING_MAX_BODY_BYTES`` (1.5 MiB, Vertex's online request
   limit), ``SERVING_MAX_IMAGE_PIXELS`` (40e6, 0 = no limit)
+- ``SERVING_INTRA_OP_THREADS`` (0: TensorFlow's default, one per core): threads one op may use
 - ``SERVING_MODEL_NICE`` (5): the model's threads run that much nicer than the HTTP event loop
 - ``SERVING_DRAIN_TIMEOUT_S`` (25): on SIGTERM, how long in-flight requests may take to finish
 - ``SERVING_LOG_LEVEL`` (INFO), ``SERVING_LOG_FORMAT`` (json: Cloud Logging structured lines; text)
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
              f"($SERVING_BATCH_TIMEOUT_MS, {DEFAULT_BATCH_TIMEOUT_MS:g})")
     add("--batch-threads", type=int, default=_env("SERVING_BATCH_THREADS", DEFAULT_BATCH_THREADS),
         help=f"model calls in flight at a time ($SERVING_BATCH_THREADS, {DEFAULT_BATCH_THREADS})")
+    add("--intra-op-threads", type=int, default=_env("SERVING_INTRA_OP_THREADS", 0),
+        help="threads one TensorFlow op may use ($SERVING_INTRA_OP_THREADS; 0 = TensorFlow's default, "
+             "one per core)")
     add("--model-nice", type=int, default=_env("SERVING_MODEL_NICE", DEFAULT_MODEL_NICE),
         help="how much lower the CPU priority of the model's threads is than the HTTP event loop's "
              f"($SERVING_MODEL_NICE, {DEFAULT_MODEL_NICE}; 0 = same)")
@@ -193,6 +197,7 @@ def _serve(args) -> int:
 
     import uvicorn
 
+    intra_op_threads = args.intra_op_threads or None
     work_dir = tempfile.mkdtemp(prefix="dualml-serving-")  # gs:// downloads; removed on exit
     failure: list[str] = []
     server: uvicorn.Server | None = None
@@ -202,7 +207,8 @@ def _serve(args) -> int:
 
         t0 = time.perf_counter()
         local_dir, _ = fetch_model_dir(args.model_dir, download_to=work_dir)
-        predictor = Predictor(local_dir, version=args.model_version, max_image_pixels=args.max_image_pixels)
+        predictor = Predictor(local_dir, version=args.model_version, max_image_pixels=args.max_image_pixels,
+                              intra_op_threads=intra_op_threads)
         log.info("loaded model from %s in %.1f s", args.model_dir, time.perf_counter() - t0)
         return predictor
 
