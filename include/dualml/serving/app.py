@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -177,6 +178,11 @@ def create_app(
             if on_fatal:
                 on_fatal(state.error)
             return
+        # TensorFlow leaves hundreds of thousands of long-lived Python objects; a full collection
+        # walking them stopped every thread, the event loop included, for ~1 s under load. Freeze
+        # them out of the collector: later collections only see what requests allocate.
+        gc.collect()
+        gc.freeze()
         state.predictor, state.batcher = predictor, batcher
         state.ready_after_s = time.monotonic() - state.started_at
         state.status = "ready"
