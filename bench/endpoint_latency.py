@@ -459,7 +459,7 @@ def _prepare(data_dir: str | None, tmp: str) -> tuple[str, bytes, bytes, int]:
     return export_dir, image, body, image_size
 
 
-def run(data_dir: str | None = None, requests: int = 300, seconds: float = 60.0, rounds: int = 2,
+def run(data_dir: str | None = None, requests: int = 400, seconds: float = 60.0, rounds: int = 4,
         soak_s: float = 20.0) -> dict:
     benchlib.setup_paths()
     with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as tmp:
@@ -551,7 +551,9 @@ def sweep(data_dir: str | None, requests: int = 240, seconds: float = 30.0, clie
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="image folder (default: generate the sample data in a temp dir)")
-    p.add_argument("--requests", type=int, default=300, help="requests per concurrency level and side")
+    p.add_argument("--requests", type=int, default=400, help="requests per concurrency level and side")
+    p.add_argument("--rounds", type=int, default=4, help="alternations of HTTP and in-process per level "
+                   "(short alternating rounds keep a shared machine's changing load off the ratios)")
     p.add_argument("--seconds", type=float, default=60.0, help="time limit per level and side")
     p.add_argument("--soak-s", type=float, default=20.0, help=f"seconds of the {SOAK_CLIENTS}-client soak (0: skip)")
     p.add_argument("--quick", action="store_true", help="100 requests, 20 s per level, 10 s soak")
@@ -571,9 +573,9 @@ def main(argv=None) -> int:
     if a.sweep:
         res = sweep(a.data)
     elif a.quick:
-        res = run(a.data, requests=100, seconds=20.0, soak_s=10.0)
+        res = run(a.data, requests=100, seconds=20.0, rounds=2, soak_s=10.0)
     else:
-        res = run(a.data, requests=a.requests, seconds=a.seconds, soak_s=a.soak_s)
+        res = run(a.data, requests=a.requests, seconds=a.seconds, rounds=a.rounds, soak_s=a.soak_s)
     benchlib.emit(res, a.out)
     return 0
 
