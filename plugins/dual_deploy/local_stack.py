@@ -4,8 +4,9 @@
 
 What runs, one process group each, logs in ``<state>/logs/``:
 
-- the local cloud: the GCS emulator (``python -m dual_deploy.local_platform emulator-start``, pid file
-  in ``<state>/pids`` like everything ``make run`` starts) and, once it exists, the local Vertex AI server;
+- the local cloud, as ``make run`` starts it (``python -m dual_deploy.local_platform``, pid files in
+  ``<state>/pids``): the GCS emulator and the local Vertex AI server (emulators/localcloud: training
+  jobs, Model Registry, endpoints; its serving processes are its children), plus the buckets;
 - Airflow as in production, one process per component: ``api-server`` (UI, REST API, Execution API),
   ``scheduler`` (LocalExecutor: tasks run as its children), ``dag-processor``, ``triggerer``.
 
@@ -63,17 +64,22 @@ class Ports:
     gcs: int = 9023
     worker_log: int = 8793  # the scheduler serves running tasks' logs to the UI on this port
     trigger_log: int = 8794
+    vertex: int = 9010  # the local Vertex AI server: gRPC here, REST (predict, Remote Config) on vertex + 1
 
     @classmethod
     def from_env(cls, env: dict[str, str] | os._Environ = os.environ) -> Ports:
         d = cls()
         return cls(api=int(env.get("API_PORT") or d.api), gcs=int(env.get("GCS_PORT") or d.gcs),
                    worker_log=int(env.get("LOG_PORT") or d.worker_log),
-                   trigger_log=int(env.get("TRIGGER_LOG_PORT") or d.trigger_log))
+                   trigger_log=int(env.get("TRIGGER_LOG_PORT") or d.trigger_log),
+                   vertex=int(env.get("VERTEX_PORT") or d.vertex))
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(4)))
+        vertex = free_port()
+        while port_in_use(vertex + 1):
+            vertex = free_port()
+        return cls(*(free_port() for _ in range(4)), vertex=vertex)
 
 
 def free_port() -> int:
@@ -155,18 +161,27 @@ def stop_group(pid: int, grace_s: float = 10) -> None:
     signal_group(pid, signal.SIGKILL)
 
 
+# Stop order of the local cloud's pid files: an in-progress `make run` first, then the local Vertex AI
+# server (gracefully: it cancels training jobs and stops its serving processes), the GCS emulator last.
+_STOP_FIRST = ("make-run", "localcloud")
+_STOP_LAST = ("gcs-emulator",)
+_GRACE_S = {"localcloud": 60.0}
+
+
 def stop_pid_files(pid_dir: Path) -> list[str]:
     """Stop every process recorded under ``pid_dir`` (``make run``'s convention: JSON with "pid", or a
     bare pid); returns the names stopped."""
+    files = sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else []
+    order = {name: i for i, name in enumerate(_STOP_FIRST)} | {name: 99 for name in _STOP_LAST}
     stopped = []
-    for pid_file in sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else ():
+    for pid_file in sorted(files, key=lambda f: (order.get(f.stem, 50), f.name)):
         text = pid_file.read_text().strip()
         try:
             pid = int(json.loads(text)["pid"]) if text.startswith("{") else int(text)
         except (ValueError, KeyError, TypeError):
             pid = -1
         if pid > 0 and alive(pid):
-            stop_group(pid)
+            stop_group(pid, _GRACE_S.get(pid_file.stem, 10.0))
             stopped.append(pid_file.stem)
         pid_file.unlink(missing_ok=True)
     return stopped
@@ -272,6 +287,8 @@ class LocalStack:
         env.update(
             PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",  # Airflow spawns `airflow` by name
             STORAGE_EMULATOR_HOST=self.gcs_url,
+            VERTEX_AI_EMULATOR_HOST=f"127.0.0.1:{self.ports.vertex}",
+            FIREBASE_REMOTE_CONFIG_EMULATOR_HOST=f"127.0.0.1:{self.ports.vertex + 1}",
             DUAL_DEPLOY_STATE_DIR=str(self.state_dir),
             AIRFLOW_HOME=str(self.home),
             AIRFLOW__CORE__EXECUTOR="LocalExecutor",
@@ -310,7 +327,7 @@ class LocalStack:
 
     def _check_ports(self) -> None:
         wanted = {"API_PORT": self.ports.api, "LOG_PORT": self.ports.worker_log,
-                  "TRIGGER_LOG_PORT": self.ports.trigger_log}
+                  "TRIGGER_LOG_PORT": self.ports.trigger_log}  # (the local cloud's are reused when they answer)
         busy = [f"{k}={v}" for k, v in wanted.items() if port_in_use(v)]
         if busy:
             raise StackError(f"port(s) already in use: {', '.join(busy)} (another Airflow, or `make up` of another "
@@ -328,15 +345,14 @@ class LocalStack:
         return comp
 
     def start_local_cloud(self) -> None:
-        """The local stand-ins of the cloud APIs the DAGs talk to (shared with `make run`)."""
-        py = sys.executable
-        self._run([py, "-m", "dual_deploy.local_platform", "emulator-start", "--port", str(self.ports.gcs),
-                   "--state-dir", str(self.state_dir)], "gcs-emulator-start", timeout_s=60)
-        # --- HOOK: local Vertex AI server (emulators/localcloud, lead's issue 10) ---------------------------
-        # Start `python -m localcloud` here, tracked like the emulator (a JSON pid file in self.pid_dir
-        # with its own process group, so `down` and `make stop` stop it and the training/serving children
-        # it spawns), and add VERTEX_AI_EMULATOR_HOST to env() so every component and task reaches it.
-        # ------------------------------------------------------------------------------------------------
+        """The local stand-ins of the cloud APIs the DAGs talk to, as `make run` starts them (shared with it;
+        each start is idempotent). A new stand-in goes here, with a pid file and its address in env()."""
+        mod = [sys.executable, "-m", "dual_deploy.local_platform"]
+        self._run([*mod, "emulator-start", "--port", str(self.ports.gcs), "--state-dir", str(self.state_dir)],
+                  "gcs-emulator-start", timeout_s=60)
+        self._run([*mod, "localcloud-start", "--port", str(self.ports.vertex), "--state-dir", str(self.state_dir),
+                   "--storage-emulator-host", self.gcs_url], "localcloud-start", timeout_s=240)
+        self._run([*mod, "ensure-buckets"], "ensure-buckets", timeout_s=120)
 
     def _run(self, cmd: list[str], name: str, timeout_s: float) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -413,7 +429,8 @@ class LocalStack:
             if any(state.values()):
                 log("==> some components had exited: restarting the stack")
                 self.stop_airflow()
-            log(f"==> local cloud: GCS emulator on {self.gcs_url} (data in {self.state_dir / 'gcs'})")
+            log(f"==> local cloud: GCS emulator on {self.gcs_url}, local Vertex AI server on "
+                f"127.0.0.1:{self.ports.vertex} (state in {self.state_dir})")
             self.start_local_cloud()
             if data:
                 log(f"==> dataset {data[0]} -> {data[1]}")
