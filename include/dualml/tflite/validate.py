@@ -200,6 +200,17 @@ def _read_tflite(tflite) -> bytes:
     return data
 
 
+def _keras_probabilities(keras_model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The Keras model's outputs in batches through one ``tf.function`` traced once for any batch
+    size (``model.predict`` traces again for the last, partial batch)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: keras_model(x, training=False), autograph=False,
+                     input_signature=[tf.TensorSpec((None, *images.shape[1:]), tf.float32)])
+    return np.concatenate([np.asarray(fn(images[i:i + batch_size]), dtype=np.float32)
+                           for i in range(0, len(images), batch_size)])
+
+
 def validate(
     tflite,
     keras_model,
@@ -214,6 +225,7 @@ def validate(
     batch_size: int = 32,
     class_names: Sequence[str] | None = None,
     raise_on_failure: bool = True,
+    output_labels: Sequence[str] | None = None,
 ) -> dict:
     """Compare a TFLite model (bytes, path or gs:// URI) with its Keras model; return a report.
 
@@ -230,6 +242,11 @@ def validate(
     ``accuracy_delta`` = tflite_accuracy - keras_accuracy as a fraction (negative = TFLite worse).
     With ``raise_on_failure`` a missed threshold raises TFLiteValidationError (carrying the
     report); otherwise ``passed``/``failures`` say so.
+
+    ``keras_model`` may be any object with ``predict(images, batch_size=..., verbose=...)`` (e.g. an
+    exported AutoML SavedModel, ``dualml.automl.edge_model``). ``output_labels``: the class of each
+    TFLite output (a ``dict.txt``, when the model was not converted here): its scores are reordered
+    to ``class_names``, the order of ``labels`` and of the reference model's scores.
     """
     t = Thresholds.from_dict(thresholds)
     if mode is not None and mode not in MODES:
@@ -265,7 +282,11 @@ def validate(
         interpreter.invoke()
         tflite_probs.append(_dequantize(interpreter.get_tensor(out_d["index"]), out_d)[0])
     tflite_probs = np.stack(tflite_probs)
-    keras_probs = np.asarray(keras_model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+    if output_labels is not None:
+        if class_names is None or sorted(output_labels) != sorted(class_names):
+            raise ValueError(f"the TFLite model's labels {list(output_labels)} are not the classes {class_names}")
+        tflite_probs = tflite_probs[:, [list(output_labels).index(c) for c in class_names]]
+    keras_probs = _keras_probabilities(keras_model, images, batch_size)
     if keras_probs.shape != tflite_probs.shape:
         raise ValueError(f"Keras output {keras_probs.shape} and TFLite output {tflite_probs.shape} differ")
 
