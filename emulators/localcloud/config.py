@@ -61,6 +61,8 @@ class ServerConfig:
     deploy_timeout_s: float = 300  # a deployed model must answer its health route within this
     predict_timeout_s: float = 60
     max_deployed_models_per_endpoint: int = 10
+    # AutoML: search_image / serving_image (mapped under images:), seconds_per_hour (pipelines.py)
+    automl: dict = field(default_factory=dict)
     # Environment variables passed through from the server's own environment to every container
     # (on GCP a container sees none of the caller's environment).
     passthrough_env: list[str] = field(default_factory=lambda: ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"])

@@ -178,6 +178,10 @@ class EndpointService:
             raise rules.invalid("deployed_model.model is required")
         version = self.models.resolve(dm.model)
         res = dm.dedicated_resources
+        kinds = set(version.supported_deployment_resources_types)  # recorded for AutoML models
+        if kinds and res.machine_spec.machine_type and types.Model.DeploymentResourcesType.DEDICATED_RESOURCES not in kinds:
+            raise rules.invalid(f"Model {version.name}@{version.version_id} does not support dedicated_resources (it "
+                                f"supports {sorted(k.name for k in kinds)}); deploy it with automatic_resources")
         if not res.machine_spec.machine_type and not dm.automatic_resources.min_replica_count:
             raise rules.invalid("deployed_model.dedicated_resources.machine_spec.machine_type is required for a "
                                 "custom-trained model")

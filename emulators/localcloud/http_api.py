@@ -5,7 +5,8 @@
 - Firebase Remote Config REST: ``GET``/``PUT /v1/projects/{p}/remoteConfig`` with ETag / If-Match,
   reached through ``FIREBASE_REMOTE_CONFIG_EMULATOR_HOST``.
 - Admin for tests and scripts, under ``/localcloud/``: ``health``, ``state`` (every resource as JSON),
-  ``faults`` (GET list, POST add, DELETE clear), ``customJobs/<id>:preempt`` and ``:fail``.
+  ``faults`` (GET list, POST add, DELETE clear), ``customJobs/<id>:preempt`` and ``:fail``,
+  ``trainingPipelines/<id>:fail``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _GRPC_TO_HTTP = {
 _PREDICT = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/endpoints/[^/:]+):(predict|rawPredict)$")
 _REMOTE_CONFIG = re.compile(r"^/v1/projects/([^/]+)/remoteConfig$")
 _JOB_ACTION = re.compile(r"^/localcloud/customJobs/(.+):(preempt|fail)$")
+_PIPELINE_FAIL = re.compile(r"^/localcloud/trainingPipelines/(.+):fail$")
 
 
 def google_error(code: grpc.StatusCode | str, message: str) -> tuple[int, dict]:
@@ -156,6 +158,11 @@ class _Handler(BaseHTTPRequestHandler):
                 args = self._json(body) or {}
                 api.jobs.fail(name, args.get("message", "injected failure"))
             return self._send(200, {"name": name, "action": m[2]})
+        m = _PIPELINE_FAIL.match(path)
+        if m:
+            name = m[1] if m[1].startswith("projects/") else api.find_pipeline(m[1])
+            api.pipelines.fail(name, (self._json(body) or {}).get("message", "injected failure"))
+            return self._send(200, {"name": name, "action": "fail"})
         self._send(*google_error("NOT_FOUND", f"no route {path}"))
 
     def _put(self):

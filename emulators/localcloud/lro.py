@@ -70,12 +70,12 @@ class Operations:
         return op
 
     def _run(self, name: str, method: str, work, on_error) -> None:
-        op = self.store.get(KIND, name, operations_pb2.Operation)
         try:
             injected = self.faults.operation_error(method)
             if injected:
                 raise injected
             response = work()
+            op = self.store.get(KIND, name, operations_pb2.Operation)  # read after work(): it may add metadata
             op.response.CopyFrom(pack(response if response is not None else empty_pb2.Empty()))
         except Exception as e:
             error = e if isinstance(e, RpcError) else RpcError(grpc.StatusCode.INTERNAL, f"{method} failed: {e}")
@@ -86,6 +86,7 @@ class Operations:
                     on_error(error)
                 except Exception:
                     log.exception("undoing operation %s (%s) failed", name, method)
+            op = self.store.get(KIND, name, operations_pb2.Operation)
             op.error.CopyFrom(status_pb2.Status(code=error.status_code_number(), message=error.message))
         op.done = True
         self.store.put(KIND, name, op)

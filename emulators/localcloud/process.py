@@ -2,7 +2,7 @@
 
 ``LocalCloudProcess(state_dir, config=...)`` starts it on free ports (or given ones), waits for its
 ``server.json``, and offers the admin calls tests use: ``state()``, ``add_fault(...)``,
-``clear_faults()``, ``preempt(job)``, ``fail(job)``, plus ``kill9()`` and ``restart()`` to replay
+``clear_faults()``, ``preempt(job)``, ``fail(job)``, ``fail_pipeline(pipeline)``, plus ``kill9()`` and ``restart()`` to replay
 crashes. ``env()`` is what a client process needs to reach it (VERTEX_AI_EMULATOR_HOST, ...).
 """
 
@@ -148,3 +148,7 @@ class LocalCloudProcess:
 
     def fail(self, job: str, message: str = "injected failure") -> None:
         self._call("POST", f"/localcloud/customJobs/{job}:fail", {"message": message})
+
+    def fail_pipeline(self, pipeline: str, message: str = "injected failure") -> None:
+        """The training pipeline's training fails with ``message`` (as a failing AutoML training does)."""
+        self._call("POST", f"/localcloud/trainingPipelines/{pipeline}:fail", {"message": message})
