@@ -20,6 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dual_deploy import names
 
 PLATFORMS = ("local", "gcp")
+# Vertex AI AutoML image classification (AutoMlImageClassificationInputs): the model types an endpoint
+# (CLOUD: served by Vertex, not exportable) and a mobile target (exportable edge models) can use, each
+# type's budget range in milli node hours (inclusive), and Vertex's minimum of images per label.
+AUTOML_CLOUD_TYPES = ("CLOUD",)
+AUTOML_MOBILE_TYPES = ("MOBILE_TF_LOW_LATENCY_1", "MOBILE_TF_VERSATILE_1", "MOBILE_TF_HIGH_ACCURACY_1")
+AUTOML_BUDGETS = {"CLOUD": (8_000, 800_000), **{t: (1_000, 100_000) for t in AUTOML_MOBILE_TYPES}}
+AUTOML_MIN_IMAGES_PER_LABEL = 10
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "dags" / "config" / "dual_deploy.yaml"
 
 
@@ -65,6 +72,8 @@ class TrainingConfig(_Strict):
     accelerator_count: int = Field(1, ge=0)
     replica_count: int = Field(1, ge=1)
     spot: bool = False
+    # custom: the trainer container as a Vertex AI custom job; automl: Vertex AI AutoML (the target's automl:)
+    method: Literal["custom", "automl"] = "custom"
 
     def trainer_args(self) -> list[str]:
         """CLI flags for ``python -m dualml.trainer``: the same list locally and on Vertex."""
@@ -81,6 +90,25 @@ class TrainingConfig(_Strict):
             f"--deterministic={str(self.deterministic).lower()}",
         ]
         return args
+
+
+class AutoMLConfig(_Strict):
+    """A target trained by Vertex AI AutoML image classification instead of the trainer container."""
+
+    model_type: Literal["CLOUD", "MOBILE_TF_LOW_LATENCY_1", "MOBILE_TF_VERSATILE_1", "MOBILE_TF_HIGH_ACCURACY_1"]
+    budget_milli_node_hours: int
+    disable_early_stopping: bool = False  # true: always spend the whole budget
+
+    @field_validator("budget_milli_node_hours")
+    @classmethod
+    def _budget(cls, v: int, info) -> int:
+        model_type = info.data.get("model_type")
+        if model_type in AUTOML_BUDGETS:
+            low, high = AUTOML_BUDGETS[model_type]
+            if not low <= v <= high:
+                raise ValueError(f"{v:,} milli node hours is outside Vertex AI's range for model_type {model_type}: "
+                                 f"{low:,} to {high:,} (1,000 = one node hour)")
+        return v
 
 
 class EndpointConfig(_Strict):
@@ -148,8 +176,9 @@ class GateConfig(_Strict):
 class TargetConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,30}$")
     kind: Literal["endpoint", "mobile"]
-    architecture: Literal["densenet121", "mobilenet_v3_small", "mobilenet_v3_large"]
+    architecture: Literal["densenet121", "mobilenet_v3_small", "mobilenet_v3_large"] | None = None  # custom only
     training: TrainingConfig = TrainingConfig()
+    automl: AutoMLConfig | None = None  # with training.method: automl
     gate: GateConfig = GateConfig()
     endpoint: EndpointConfig | None = None
     tflite: TFLiteConfig | None = None
@@ -161,7 +190,36 @@ class TargetConfig(_Strict):
             raise ValueError(f"target {self.name!r} has kind 'endpoint' but no 'endpoint:' section")
         if self.kind == "mobile" and (self.tflite is None or self.publish is None):
             raise ValueError(f"target {self.name!r} has kind 'mobile' but lacks a 'tflite:' or 'publish:' section")
+        self._check_method()
         return self
+
+    def _check_method(self) -> None:
+        if self.training.method == "custom":
+            if self.automl is not None:
+                raise ValueError(f"target {self.name!r} has an 'automl:' section but training.method is 'custom': set "
+                                 "training.method: automl, or remove the automl: section")
+            if self.architecture is None:
+                raise ValueError(f"target {self.name!r}: architecture is required for training.method 'custom' "
+                                 "(densenet121, mobilenet_v3_small or mobilenet_v3_large)")
+            return
+        if self.automl is None:
+            raise ValueError(f"target {self.name!r} has training.method 'automl' but no 'automl:' section "
+                             "(model_type, budget_milli_node_hours)")
+        allowed = AUTOML_CLOUD_TYPES if self.kind == "endpoint" else AUTOML_MOBILE_TYPES
+        if self.automl.model_type not in allowed:
+            why = ("an endpoint serves a CLOUD model" if self.kind == "endpoint"
+                   else "a mobile target needs a model Vertex AI can export to .tflite")
+            raise ValueError(f"target {self.name!r}: automl.model_type {self.automl.model_type} does not fit kind "
+                             f"{self.kind!r} ({why}): use {' or '.join(allowed)}")
+
+    @property
+    def is_automl(self) -> bool:
+        return self.training.method == "automl"
+
+    @property
+    def model_family(self) -> str:
+        """What is trained, for labels and tooltips: the architecture, or the AutoML model type."""
+        return f"AutoML {self.automl.model_type}" if self.is_automl else str(self.architecture)
 
 
 class LocalConfig(_Strict):
@@ -231,9 +289,18 @@ class Config(_Strict):
             raise ValueError(f"target names must be unique, got {names}")
         if not self.artifacts_uri.startswith("gs://"):
             raise ValueError(f"artifacts_uri must be a gs:// URI, got {self.artifacts_uri!r}")
-        missing = [k for k in ("project", "trainer_image", "serving_image") if not getattr(self.gcp, k)]
+        custom = [t for t in self.targets if not t.is_automl]
+        needed = ["project"] + (["trainer_image"] if custom else []) + (
+            ["serving_image"] if any(t.kind == "endpoint" for t in custom) else [])
+        missing = [k for k in needed if not getattr(self.gcp, k)]
         if missing:
             raise ValueError(f"platform {self.platform!r} needs gcp.{', gcp.'.join(missing)} set in the config file")
+        automl = [t.name for t in self.targets if t.is_automl]
+        if automl and self.data.min_images_per_class < AUTOML_MIN_IMAGES_PER_LABEL:
+            raise ValueError(f"data.min_images_per_class is {self.data.min_images_per_class} but target(s) {automl} "
+                             f"train with AutoML, which needs at least {AUTOML_MIN_IMAGES_PER_LABEL} images per label: "
+                             f"set data.min_images_per_class to {AUTOML_MIN_IMAGES_PER_LABEL} or more (a dataset "
+                             "with fewer is then rejected before anything is trained)")
         self._check_firebase_bucket()
         return self
 

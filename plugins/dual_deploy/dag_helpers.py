@@ -59,10 +59,14 @@ def cost_inputs(cfg: Config) -> dict:
     out = {}
     for t in cfg.targets:
         tr = t.training
-        out[t.name] = {"training": {"machine_type": tr.machine_type, "accelerator_type": tr.accelerator_type,
-                                    "accelerator_count": tr.accelerator_count, "replica_count": tr.replica_count,
-                                    "spot": tr.spot}}
+        if t.is_automl:  # priced per node hour of its model type (cost.automl_training_cost)
+            out[t.name] = {"training": {"automl": {"model_type": t.automl.model_type,
+                                                   "budget_milli_node_hours": t.automl.budget_milli_node_hours}}}
+        else:
+            out[t.name] = {"training": {"machine_type": tr.machine_type, "accelerator_type": tr.accelerator_type,
+                                        "accelerator_count": tr.accelerator_count, "replica_count": tr.replica_count,
+                                        "spot": tr.spot}}
         if t.endpoint:
-            out[t.name]["endpoint"] = {"machine_type": t.endpoint.machine_type,
+            out[t.name]["endpoint"] = {"machine_type": "automl" if t.is_automl else t.endpoint.machine_type,
                                        "min_replica_count": t.endpoint.min_replica_count}
     return out

@@ -7,6 +7,11 @@
 Vertex AI custom job; ``champion_gate`` skips delivery when the new model does not beat the one
 serving; ``register_model`` / ``deploy`` are the Model Registry and a canary endpoint deployment;
 ``convert_tflite`` / ``publish`` validate the .tflite and publish it through Firebase.
+
+A target with ``training.method: automl`` trains with Vertex AI AutoML instead (``automl_training``):
+``import_file >> create_dataset >> import_data >> train`` (plus ``export_model`` for mobile targets),
+then the same gate and delivery; its model is already registered by the training pipeline, deploys
+on automatic resources, and its exported .tflite is validated rather than converted.
 """
 
 from __future__ import annotations
@@ -100,20 +105,69 @@ def train_task(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str) 
     )
 
 
+# ---------------------------------------------------------------------------- AutoML training
+
+
+def automl_training(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str) -> tuple:
+    """``import_file >> create_dataset >> import_data >> train [>> export_model]``: (first, train, last).
+
+    The dataset is built from the run's split (``ml_use`` per image), so AutoML trains, validates and
+    is evaluated on the custom models' images. Imported here, not at module level: only a config with
+    AutoML targets pays for the provider's AutoML modules at parse time."""
+    from dual_deploy.operators.automl import (
+        IMAGE_DATASET_SCHEMA,
+        SINGLE_LABEL_IMPORT_SCHEMA,
+        AutoMLImportFileOperator,
+        VertexAutoMLImageTrainingOperator,
+        VertexCreateDatasetOperator,
+        VertexExportModelOperator,
+        VertexImportDataOperator,
+    )
+
+    base = f"{run_uri}/{target.name}"
+    labels = {"app": "dual-deploy", "dag": "{{ dag.dag_id | run_label }}", "run": "{{ run_id | run_label }}",
+              "target": target.name}
+    display_name = f"{{{{ run_id | display_name('dual-deploy-{target.name}-') }}}}"
+    import_file = AutoMLImportFileOperator(task_id="import_file", split_uri=split_uri,
+                                           import_file_uri=f"{base}/automl/import.csv", gcp_conn_id=cfg.gcp.gcp_conn_id)
+    create_dataset = VertexCreateDatasetOperator(
+        task_id="create_dataset", **_where(cfg),
+        dataset={"display_name": display_name, "metadata_schema_uri": IMAGE_DATASET_SCHEMA, "labels": labels})
+    import_data = VertexImportDataOperator(
+        task_id="import_data", dataset_id=create_dataset.output["dataset_id"], **_where(cfg),
+        import_configs=[{"gcs_source": {"uris": [f"{base}/automl/import.csv"]},
+                         "import_schema_uri": SINGLE_LABEL_IMPORT_SCHEMA}])
+    a = target.automl
+    train = VertexAutoMLImageTrainingOperator(
+        task_id="train", display_name=display_name, dataset_id=create_dataset.output["dataset_id"],
+        model_type=a.model_type, budget_milli_node_hours=a.budget_milli_node_hours,
+        disable_early_stopping=a.disable_early_stopping, labels=labels,
+        model_display_name=target.endpoint.model_display_name if target.endpoint else target.publish.display_name,
+        model_version_aliases=["{{ run_id | run_alias }}"], model_version_description="dual_deployment run {{ run_id }}",
+        model_dir=f"{base}/model", split_uri=split_uri, base_output_dir=base, poll_interval_s=cfg.gcp.poll_interval_s,
+        **_where(cfg))
+    import_file >> create_dataset >> import_data >> train
+    if target.kind != "mobile":
+        return import_file, train, train
+    # The SavedModel lands under model_dir: the reference of the TFLite gate and of later champion gates.
+    export = VertexExportModelOperator(task_id="export_model", model_id=train.output["model_version"], **_where(cfg),
+                                       destinations={"tf-saved-model": f"{base}/model", "tflite": f"{base}/export"})
+    train >> export
+    return import_file, train, export
+
+
 # ---------------------------------------------------------------------------- delivery
 
 
-def endpoint_delivery(target: TargetConfig, cfg: Config, split_uri: str, model_dir) -> list:
+def endpoint_delivery(target: TargetConfig, cfg: Config, split_uri: str, model_dir, train=None) -> list:
     ep = target.endpoint
-    register_model = RegisterModelVersionOperator(
-        task_id="register_model",
-        display_name=ep.model_display_name,
-        artifact_uri=model_dir,
-        serving_image=cfg.gcp.serving_image,
-        version_aliases=["{{ run_id | run_alias }}"],
-        version_description="dual_deployment run {{ run_id }}",
-        **_where(cfg),
-    )
+    if target.is_automl:  # the training pipeline registered the version: report it, deploy on automatic resources
+        from dual_deploy.operators.automl import AutoMLModelVersionOperator
+
+        register_model = AutoMLModelVersionOperator(task_id="register_model", model=train.output["model"],
+                                                    **_where(cfg))
+    else:
+        register_model = _register_custom(target, cfg, model_dir)
     deploy = CanaryDeployModelOperator(
         task_id="deploy",
         endpoint_display_name=ep.display_name,
@@ -125,19 +179,37 @@ def endpoint_delivery(target: TargetConfig, cfg: Config, split_uri: str, model_d
         max_replica_count=ep.max_replica_count,
         canary_traffic_percent=ep.canary_traffic_percent,
         smoke_instances=ep.smoke_instances,
-        image_size=target.training.image_size,
+        image_size=None if target.is_automl else target.training.image_size,
+        automatic_resources=target.is_automl,
+        instance_format="automl_image" if target.is_automl else "b64",
         **_where(cfg),
     )
     return [register_model, deploy]
 
 
+def _register_custom(target: TargetConfig, cfg: Config, model_dir) -> RegisterModelVersionOperator:
+    ep = target.endpoint
+    return RegisterModelVersionOperator(
+        task_id="register_model",
+        display_name=ep.model_display_name,
+        artifact_uri=model_dir,
+        serving_image=cfg.gcp.serving_image,
+        version_aliases=["{{ run_id | run_alias }}"],
+        version_description="dual_deployment run {{ run_id }}",
+        **_where(cfg),
+    )
+
+
 def publish_metadata(target: TargetConfig, model_dir) -> dict:
     """Stored with the published mobile model: which run and which trained model it came from."""
-    return {"run_id": "{{ run_id }}", "architecture": target.architecture, "model_dir": model_dir}
+    return {"run_id": "{{ run_id }}", "architecture": target.model_family, "model_dir": model_dir}
 
 
-def mobile_delivery(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str, model_dir) -> list:
+def mobile_delivery(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str, model_dir, export=None) -> list:
     t, gcp = target.tflite, cfg.gcp
+    # AutoML: the exported .tflite is validated against the exported SavedModel, not converted.
+    exported = {"exported_tflite_uri": export.output["tflite_uri"], "exported_labels_uri": export.output["labels_uri"]
+                } if target.is_automl else {}
     convert_tflite = ConvertToTFLiteOperator(
         task_id="convert_tflite",
         model_dir=model_dir,
@@ -149,6 +221,7 @@ def mobile_delivery(target: TargetConfig, cfg: Config, run_uri: str, split_uri: 
         max_size_mb=t.max_size_mb,
         num_calibration_images=t.num_calibration_images,
         gcp_conn_id=gcp.gcp_conn_id,
+        **exported,
     )
     publish = PublishMobileModelOperator(
         task_id="publish",
@@ -187,14 +260,17 @@ def is_selected(target: str, params: dict | None = None, **_) -> bool:
 
 
 def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_uri: str) -> TaskGroup:
-    with TaskGroup(group_id=target.name, tooltip=f"{target.architecture} -> {target.kind}") as group:
+    with TaskGroup(group_id=target.name, tooltip=f"{target.model_family} -> {target.kind}") as group:
         selected = ShortCircuitOperator(
             task_id="selected",
             python_callable=is_selected,
             op_kwargs={"target": target.name},
             ignore_downstream_trigger_rules=False,
         )
-        train = train_task(target, cfg, run_uri, split_uri)
+        if target.is_automl:
+            first, train, last = automl_training(target, cfg, run_uri, split_uri)
+        else:
+            first = last = train = train_task(target, cfg, run_uri, split_uri)
         model_dir = train.output["model_dir"]
         champion_gate = ChampionGateOperator(
             task_id="champion_gate",
@@ -207,9 +283,10 @@ def build_target_group(target: TargetConfig, cfg: Config, run_uri: str, split_ur
             allow_class_change=target.gate.allow_class_change,
             retries=0,
         )
-        delivery = (endpoint_delivery(target, cfg, split_uri, model_dir) if target.kind == "endpoint"
-                    else mobile_delivery(target, cfg, run_uri, split_uri, model_dir))
-        selected >> train >> champion_gate >> delivery[0]
+        delivery = (endpoint_delivery(target, cfg, split_uri, model_dir, train) if target.kind == "endpoint"
+                    else mobile_delivery(target, cfg, run_uri, split_uri, model_dir, last))
+        selected >> first
+        last >> champion_gate >> delivery[0]
         for upstream, downstream in zip(delivery, delivery[1:], strict=False):
             upstream >> downstream
     return group

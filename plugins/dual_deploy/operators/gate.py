@@ -66,8 +66,10 @@ class ChampionGateOperator(DictOutputOperator):
     """Compare this run's model (challenger) with the target's champion on this run's test split.
 
     The champion record (``champion_uri``, written by the run summary when a model was delivered)
-    points at the serving model's artifacts; its ``model.keras`` is re-evaluated on the
-    challenger's held-out test split so both are scored on the same images. If the challenger
+    points at the serving model's artifacts; its ``model.keras`` (an AutoML mobile champion: its
+    exported SavedModel) is re-evaluated on the challenger's held-out test split so both are scored
+    on the same images. An AutoML CLOUD champion has no artifacts (Vertex AI cannot export it): its
+    recorded accuracy, measured on its own run's test split, stands in, and the reason says so. If the challenger
     is not promoted the task is skipped: nothing downstream (register/deploy, convert/publish)
     runs, serving is unchanged, and the summary reports "not promoted" with the reason.
 
@@ -106,6 +108,8 @@ class ChampionGateOperator(DictOutputOperator):
         allow = bool(self.allow_class_change) or (context.get("params") or {}).get("allow_class_change") is True
         promote, reason = decide(challenger, champion, tolerance=self.tolerance, min_accuracy=self.min_accuracy,
                                  min_macro_f1=self.min_macro_f1, allow_class_change=allow)
+        if champion and champion.get("re_evaluated") is False:
+            reason += f" ({champion['note']})"
         result = {"promote": promote, "reason": reason, "challenger": challenger, "champion": champion,
                   "champion_uri": self.champion_uri, "class_change": (champion or {}).get("class_change"),
                   "allow_class_change": allow, "duration_s": round(time.monotonic() - t0, 2)}
@@ -127,10 +131,26 @@ class ChampionGateOperator(DictOutputOperator):
         if change:
             self.log.warning("class set changed since the champion %s: %s", champion_dir, describe_class_change(change))
             return {**base, "class_change": change}
+        files = io.list_files(champion_dir)
+        saved_models = sorted({f.rpartition("/")[0] for f in files if f.endswith("/saved_model.pb")})
+        if f"{champion_dir}/model.keras" not in files and len(saved_models) != 1:
+            note = ("champion not re-evaluated: it has no exportable model (an AutoML CLOUD model); its accuracy "
+                    "was measured on its own run's test split")
+            if record.get("accuracy") is None:
+                note += " and was not recorded: compared as 0"
+            self.log.warning("%s: %s", champion_dir, note)
+            return {**base, "accuracy": record.get("accuracy") or 0.0, "macro_f1": record.get("macro_f1") or 0.0,
+                    "re_evaluated": False, "note": note}
         manifest = SplitManifest.from_json(io.read_bytes(self.split_uri).decode())
         with tempfile.TemporaryDirectory() as tmp:
-            model_path = io.download(f"{champion_dir}/model.keras", os.path.join(tmp, "model.keras"))
             local = localize_manifest(io, manifest, os.path.join(tmp, "data"), {"test": None})
-            m = evaluate_keras_model(model_path, local.files["test"], labels)
+            if f"{champion_dir}/model.keras" in files:
+                model_path = io.download(f"{champion_dir}/model.keras", os.path.join(tmp, "model.keras"))
+                m = evaluate_keras_model(model_path, local.files["test"], labels)
+            else:  # an AutoML edge model: the SavedModel Vertex AI exported
+                from dualml.automl.edge_model import evaluate as evaluate_saved_model
+
+                io.download_dir(saved_models[0], os.path.join(tmp, "saved_model"))
+                m = evaluate_saved_model(os.path.join(tmp, "saved_model"), local.files["test"], labels)
         self.log.info("champion %s scores accuracy %.4f on this run's test split", champion_dir, m["accuracy"])
         return {**base, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}

@@ -325,8 +325,8 @@ class CanaryDeployModelOperator(DictOutputOperator):
     2. Clean up earlier attempts of this run: a deployed model of this version that a crashed
        attempt left at a canary share is undeployed (its traffic goes back to the others); if an
        earlier attempt already gave this version 100 %, only promotion's remaining steps run.
-    3. ``deploy_model`` on dedicated resources with traffic_split ``{"0": canary %, live: the rest}``
-       (first deployment: 100 %).
+    3. ``deploy_model`` on dedicated resources (``automatic_resources=True``: automatic ones, as AutoML
+       models deploy) with traffic_split ``{"0": canary %, live: the rest}`` (first deployment: 100 %).
     4. Smoke-test the canary with ``smoke_instances`` test-split images (prepared to fit the 1.5 MB
        request limit) through PredictionService.Predict: requests repeat until the new deployed
        model has answered (each response names its ``deployed_model_id``), enough that missing it
@@ -340,7 +340,8 @@ class CanaryDeployModelOperator(DictOutputOperator):
 
     XCom: ``{"endpoint_id", "endpoint_display_name", "endpoint_created", "prediction_url",
     "deployed_model_id", "model_version_id", "smoke_test", "traffic_split", "canary_traffic_percent",
-    "previous_deployed_model_ids", "undeployed", "leftovers_removed", "default_alias", "duration_s"}``.
+    "previous_deployed_model_ids", "undeployed", "leftovers_removed", "default_alias", "instance_format",
+    "duration_s"}``.
     """
 
     template_fields: Sequence[str] = ("project_id", "region", "endpoint_display_name", "model", "split_uri")
@@ -353,10 +354,14 @@ class CanaryDeployModelOperator(DictOutputOperator):
                  image_size: int | None = None, smoke_miss_probability: float = 1e-4, max_smoke_requests: int = 200,
                  smoke_timeout_s: float = 60, smoke_transient_retries: int = 3, operation_timeout_s: int = 3600,
                  gcp_conn_id: str = "google_cloud_default", impersonation_chain: str | Sequence[str] | None = None,
-                 **kwargs):
+                 automatic_resources: bool = False, instance_format: str = "b64", **kwargs):
         super().__init__(**kwargs)
         if not 1 <= canary_traffic_percent <= 100:
             raise ValueError(f"canary_traffic_percent must be 1..100, got {canary_traffic_percent}")
+        # AutoML models deploy on automatic resources (Vertex picks the machines; only the replica range is
+        # ours) and take AutoML's request format ("automl_image": {"content": ...}).
+        self.automatic_resources = automatic_resources
+        self.instance_format = instance_format
         self.project_id = project_id
         self.region = region
         self.endpoint_display_name = endpoint_display_name
@@ -410,15 +415,12 @@ class CanaryDeployModelOperator(DictOutputOperator):
         return hook.get_endpoint(**self._where(), endpoint=endpoint_id)
 
     def deployed_model_spec(self) -> dict:
-        return {
-            "model": self.model["model_resource_name"],
-            "display_name": f"{self.model_display_name}-v{self.model['model_version_id']}",
-            "dedicated_resources": {
-                "machine_spec": {"machine_type": self.machine_type},
-                "min_replica_count": self.min_replica_count,
-                "max_replica_count": self.max_replica_count,
-            },
-        }
+        replicas = {"min_replica_count": self.min_replica_count, "max_replica_count": self.max_replica_count}
+        spec = {"model": self.model["model_resource_name"],
+                "display_name": f"{self.model_display_name}-v{self.model['model_version_id']}"}
+        if self.automatic_resources:
+            return {**spec, "automatic_resources": replicas}
+        return {**spec, "dedicated_resources": {"machine_spec": {"machine_type": self.machine_type}, **replicas}}
 
     def _ours(self, dm) -> bool:
         """Is deployed model ``dm`` this run's version?"""
@@ -454,7 +456,8 @@ class CanaryDeployModelOperator(DictOutputOperator):
         samples = manifest.files.get("test", [])[: self.smoke_instances]
         if not samples:
             raise SmokeTestFailed(f"the test split of {self.split_uri} is empty")
-        instances = build_request([io.read_bytes(uri) for uri, _ in samples], self.image_size)["instances"]
+        instances = build_request([io.read_bytes(uri) for uri, _ in samples], self.image_size,
+                                  self.instance_format)["instances"]
         attempts = smoke_attempts(share_percent, self.smoke_miss_probability, self.max_smoke_requests)
         hook = PredictionServiceHook(gcp_conn_id=self.gcp_conn_id, impersonation_chain=self.impersonation_chain)
         # The hook's client, called with flattened arguments: PredictionServiceHook.predict() builds the
@@ -596,6 +599,7 @@ class CanaryDeployModelOperator(DictOutputOperator):
             "undeployed": finished["undeployed"],
             "leftovers_removed": leftovers,
             "default_alias": "default" in finished["version_aliases"],
+            "instance_format": self.instance_format,
             "duration_s": round(time.monotonic() - t0, 2),
         }
 
