@@ -33,6 +33,35 @@ class TrainResult(TypedDict):
     duration_s: float | None
 
 
+class AutoMLTrainResult(TrainResult):
+    """``<target>.train`` of a ``training.method: automl`` target (VertexAutoMLImageTrainingOperator):
+    the custom-training keys (``model_dir`` holds metrics.json and labels.txt) plus AutoML's."""
+
+    method: Literal["automl"]
+    model_type: str
+    budget_milli_node_hours: int
+    cost_milli_node_hours: int | None  # what the training pipeline reports (at most the budget)
+    stop_reason: str | None  # BUDGET_REACHED | MODEL_CONVERGED
+    training_pipeline_name: str
+    training_pipeline_id: str
+    model: str  # projects/.../models/<id>@<version>
+    model_version: str  # <id>@<version>
+    model_id: str
+    model_version_id: str
+    dataset_id: str
+    reattached: bool
+
+
+class ExportResult(TypedDict, total=False):
+    """``<target>.export_model`` (VertexExportModelOperator), AutoML mobile targets."""
+
+    exports: dict[str, str]  # export format -> the folder Vertex wrote it to
+    tflite_uri: str
+    labels_uri: str  # dict.txt beside the .tflite
+    saved_model_uri: str
+    duration_s: float
+
+
 class GateResult(TypedDict):
     """``<target>.champion_gate`` (ChampionGateOperator); pushed before a skip too."""
 
@@ -156,6 +185,28 @@ class TargetSummary(TypedDict, total=False):
     endpoint: DeployResult
     tflite: TFLiteResult
     published: PublishResult
+    export: ExportResult
+    model_family: str  # "densenet121 64px" or "AutoML CLOUD"
+
+
+class ComparisonRow(TypedDict, total=False):
+    """One model in the AutoML / custom comparison (same split fingerprint)."""
+
+    target: str
+    run_id: str
+    this_run: bool
+    kind: str
+    status: str
+    method: Literal["automl", "custom"]
+    model: str | None
+    accuracy: float | None
+    macro_f1: float | None
+    tflite_size_bytes: int | None
+    tflite_latency_ms_p95: float | None
+    tflite_agreement: float | None
+    training_s: float | None
+    training_usd: float | None
+    cost_estimate_only: bool | None
 
 
 class ServingRecord(TypedDict):
@@ -197,6 +248,7 @@ class RunSummary(TypedDict, total=False):
     ledger: LedgerNote | None
     channels: ChannelsReport
     cost: dict[str, Any]
+    comparison: dict[str, Any]  # {"split_fingerprint", "rows": [ComparisonRow]} when AutoML and custom share a split
     report_uri: str | None
     local_report_path: str
     # Optional parts (cost, report, channel check, ...) that could not be produced, and why.
@@ -213,6 +265,8 @@ class ChampionRecord(TypedDict, total=False):
 
     model_dir: str
     run_id: str
+    summary_uri: str  # the delivering run's run_summary.json
+    method: str  # custom | automl
     accuracy: float | None
     macro_f1: float | None
     labels: list[str] | None

@@ -130,9 +130,17 @@ def write_report(summary: dict, histories: dict[str, dict], out_dir: str) -> dic
                             os.path.join(out_dir, fn))
             images.append(fn)
             parts.append(f"<img src='{fn}' alt='{name} confusion matrix'>")
+        trained = t.get("training") or {}
+        if trained.get("method") == "automl":
+            parts.append(f"<p>Vertex AI AutoML <b>{html.escape(str(trained.get('model_type')))}</b>: "
+                         f"{trained.get('cost_milli_node_hours')} of {trained.get('budget_milli_node_hours')} milli "
+                         f"node hours used ({html.escape(str(trained.get('stop_reason')))}); training pipeline "
+                         f"<code>{html.escape(str(trained.get('training_pipeline_name')))}</code>, model "
+                         f"<code>{html.escape(str(trained.get('model')))}</code>.</p>")
         if t.get("tflite"):
             x = t["tflite"]
-            parts.append("<h3>TFLite vs Keras</h3>" + _table(
+            reference = "exported SavedModel" if x.get("source") == "automl_export" else "Keras"
+            parts.append(f"<h3>TFLite vs {reference}</h3>" + _table(
                 ["mode", "size (MB)", "Keras acc.", "TFLite acc.", "delta", "top-1 agreement", "latency mean / p95 (ms)"],
                 [[x.get("mode"), f"{x.get('size_bytes', 0) / 1e6:.2f}", _pct(x.get("keras_accuracy")),
                   _pct(x.get("tflite_accuracy")), f"{(x.get('accuracy_delta') or 0) * 100:+.1f} pt",
@@ -154,6 +162,23 @@ def write_report(summary: dict, histories: dict[str, dict], out_dir: str) -> dic
             delivered.append(f"not run: {', '.join(t['not_run'])}")
         if delivered:
             parts.append("<ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in delivered) + "</ul>")
+
+    comparison = summary.get("comparison")
+    if comparison:
+        rows = [[r["target"], "this run" if r["this_run"] else r["run_id"], r["method"], r.get("model") or "",
+                 _pct(r.get("accuracy")), _pct(r.get("macro_f1")),
+                 f"{r['tflite_size_bytes'] / 1e6:.2f}" if r.get("tflite_size_bytes") else "",
+                 f"{r['tflite_latency_ms_p95']:.2f}" if r.get("tflite_latency_ms_p95") is not None else "",
+                 _pct(r.get("tflite_agreement")) if r.get("tflite_agreement") is not None else "",
+                 f"{r['training_s']:.0f}" if r.get("training_s") is not None else "",
+                 f"{r['training_usd']:.2f}" if r.get("training_usd") is not None else ""] for r in comparison["rows"]]
+        parts.append("<h2>AutoML vs custom training (same test split)</h2>" + _table(
+            ["target", "run", "method", "model", "test accuracy", "macro F1", "TFLite MB", "TFLite p95 ms",
+             "TFLite agreement", "training s", "training USD"], rows)
+            + f"<p>Every model scored on split <code>{html.escape(str(comparison['split_fingerprint']))}</code>. "
+              "Training USD: custom = measured training time x the configured machines; AutoML = the node hours the "
+              "training pipeline reports x AutoML's node-hour price (locally both are estimates of Vertex AI "
+              "prices). AutoML's TFLite agreement is with its exported SavedModel, custom's with its Keras model.</p>")
 
     steps = [[tid, s.get("state"), f"{s['duration_s']:.1f}" if s.get("duration_s") is not None else ""]
              for tid, s in summary.get("steps", {}).items()]

@@ -9,7 +9,8 @@ The summary task (trigger rule all_done) runs whatever happened upstream, in thi
    and the training ledger (``record_ledger``). A record that cannot be written is a
    ``recording_error``: the summary is still written, then the task fails *retryably*;
 4. derived, optional parts, each isolated so that its failure is a line in ``warnings``:
-   the channel check (``check_channels``), the cost (``compute_cost``), the HTML report;
+   the channel check (``check_channels``), the cost (``compute_cost``), AutoML and custom models
+   side by side when both ran on the same split (``compare_methods``), the HTML report;
 5. write ``run_summary.json`` (local copy first, then the run's artifacts);
 6. fail the run if a target failed (AirflowFailException: a retry cannot change it).
 """
@@ -36,10 +37,11 @@ from dual_deploy.contracts import (
 )
 from dual_deploy.failures import FAILURE_XCOM_KEY
 from dual_deploy.hooks.gcs_io import GcsIO
+from dual_deploy.links import REPORT_URI_KEY, RunReportLink
 from dual_deploy.operators.base import DictOutputOperator
 
 # Which step's XCom feeds which summary section of a target.
-_SECTIONS = {"train": "training", "register_model": "model", "deploy": "endpoint",
+_SECTIONS = {"train": "training", "register_model": "model", "deploy": "endpoint", "export_model": "export",
              "convert_tflite": "tflite", "publish": "published"}
 # The step whose success means the target's model is now what serves / what apps download.
 DELIVERY_STEP = {"endpoint": "deploy", "mobile": "publish"}
@@ -86,6 +88,11 @@ def _target_section(name: str, kind: str, states: dict[str, str], xcoms: dict, f
     m = metrics or (t.get("training") or {}).get("metrics")
     if m:
         t["metrics"] = {k: m.get(k) for k in _METRIC_KEYS}  # type: ignore[assignment]
+    trained = t.get("training") or {}
+    if trained.get("method") == "automl":
+        t["model_family"] = f"AutoML {trained.get('model_type')}"
+    elif (m or {}).get("architecture"):
+        t["model_family"] = f"{m['architecture']} {m['image_size']}px" if m.get("image_size") else m["architecture"]
     if "training" in t:
         t["training"] = {k: v for k, v in t["training"].items() if k != "metrics"}
     rank = {tid: i for i, tid in enumerate(order)}
@@ -159,6 +166,8 @@ def champion_record(name: str, t: TargetSummary, *, run_id: str, artifacts_uri: 
     return {
         "model_dir": (t.get("training") or {}).get("model_dir") or f"{artifacts_uri.rstrip('/')}/{name}/model",
         "run_id": run_id,
+        "summary_uri": f"{artifacts_uri.rstrip('/')}/run_summary.json",
+        "method": (t.get("training") or {}).get("method") or "custom",
         "accuracy": m.get("accuracy"),
         "macro_f1": m.get("macro_f1"),
         "labels": m.get("labels"),
@@ -237,6 +246,11 @@ def render_text(summary: dict) -> str:
             continue
         acc = f"{m['accuracy']:.1%}" if m.get("accuracy") is not None else "n/a"
         lines.append(f"  [{name}] {t['status']}: test accuracy {acc}")
+        trained = t.get("training") or {}
+        if trained.get("method") == "automl":
+            lines.append(f"      AutoML {trained.get('model_type')}: {trained.get('cost_milli_node_hours')} of "
+                         f"{trained.get('budget_milli_node_hours')} milli node hours ({trained.get('stop_reason')}), "
+                         f"pipeline {trained.get('training_pipeline_id')}")
         if t.get("decision"):
             lines.append(f"      gate: {t['decision'].get('reason')}")
         if t.get("model"):
@@ -267,6 +281,14 @@ def render_text(summary: dict) -> str:
     timed = [(tid, s["duration_s"]) for tid, s in summary.get("steps", {}).items() if s.get("duration_s") is not None]
     if timed:
         lines.append("  durations: " + ", ".join(f"{tid} {d:.0f}s" for tid, d in timed))
+    comparison = summary.get("comparison")
+    if comparison:
+        lines.append("  AutoML vs custom on the same test split:")
+        for r in comparison["rows"]:
+            usd = f"${r['training_usd']:.2f}" if r.get("training_usd") is not None else "n/a"
+            lines.append(f"      {r['target']:<14} {r['method']:<6} {r.get('model') or '':<28} accuracy "
+                         f"{_fmt_pct(r.get('accuracy'))}, training {_fmt_s(r.get('training_s'))} {usd}"
+                         f"{'' if r.get('this_run') else ' (run ' + str(r.get('run_id')) + ')'}")
     cost = summary.get("cost")
     if cost:
         note = " if run on Vertex AI with the configured machines (estimate)" if cost.get("estimate_only") else ""
@@ -279,6 +301,53 @@ def render_text(summary: dict) -> str:
     for w in summary.get("warnings", []):
         lines.append(f"  warning: {w}")
     return "\n".join(lines)
+
+
+def _fmt_pct(x) -> str:
+    return f"{x:.1%}" if isinstance(x, int | float) else "n/a"
+
+
+def _fmt_s(x) -> str:
+    return f"{x:.0f} s" if isinstance(x, int | float) else "n/a"
+
+
+def comparison_row(name: str, t: dict, summary: dict, this_run: bool) -> dict:
+    """One target of a run summary as a row of the AutoML / custom comparison (pure)."""
+    m, tflite, trained = t.get("metrics") or {}, t.get("tflite") or {}, t.get("training") or {}
+    cost = (((summary.get("cost") or {}).get("targets") or {}).get(name) or {}).get("training") or {}
+    seconds = (summary.get("steps", {}).get(f"{name}.train") or {}).get("duration_s")
+    return {"target": name, "run_id": summary.get("run_id"), "this_run": this_run, "kind": t.get("kind"),
+            "status": t.get("status"), "method": trained.get("method") or "custom", "model": t.get("model_family"),
+            "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
+            "tflite_size_bytes": tflite.get("size_bytes"), "tflite_latency_ms_p95": tflite.get("latency_ms_p95"),
+            "tflite_agreement": tflite.get("top1_agreement"),
+            "training_s": seconds if seconds is not None else trained.get("duration_s"),
+            "training_usd": cost.get("usd"), "cost_estimate_only": (summary.get("cost") or {}).get("estimate_only")}
+
+
+def method_comparison(summary: dict, others: Sequence[dict]) -> dict | None:
+    """AutoML and custom models side by side when both were evaluated on this run's split (pure).
+
+    Rows: this run's targets, and the targets of ``others`` (the runs that trained what the channels
+    serve now) whose split has the same fingerprint (same images in the same train/val/test roles).
+    None unless both methods have a scored model on the split."""
+    fingerprint = (summary.get("split") or {}).get("fingerprint")
+    if not fingerprint:
+        return None
+    rows = [comparison_row(n, t, summary, True) for n, t in summary["targets"].items()]
+    seen = {(summary.get("run_id"), n) for n in summary["targets"]}
+    for other in others:
+        if (other.get("split") or {}).get("fingerprint") != fingerprint:
+            continue
+        for n, t in other.get("targets", {}).items():
+            if (other.get("run_id"), n) not in seen and t.get("status") in ("success", "not_promoted"):
+                seen.add((other.get("run_id"), n))
+                rows.append(comparison_row(n, t, other, False))
+    rows = [r for r in rows if r["accuracy"] is not None]
+    if not {"automl", "custom"} <= {r["method"] for r in rows}:
+        return None
+    rows.sort(key=lambda r: (r["kind"] or "", r["method"], not r["this_run"], r["target"]))
+    return {"split_fingerprint": fingerprint, "rows": rows}
 
 
 # ============================================================================ steps with side effects
@@ -374,6 +443,24 @@ def check_channels(champions, targets: dict[str, str], io: GcsIO) -> ChannelsRep
     return channel_consistency(serving, targets)
 
 
+def compare_methods(io: GcsIO, summary: RunSummary, champions_uri: str | None) -> dict | None:
+    """``method_comparison`` of this run and the runs whose models the channels serve now (the champion
+    records of every target under ``champions_uri``, this config's or another's)."""
+    others, read = [], set()
+    if champions_uri:
+        for uri in io.list_files(champions_uri):
+            if not uri.endswith(".json"):
+                continue
+            record = io.read_json(uri) or {}
+            summary_uri = record.get("summary_uri") or (
+                record["model_dir"].rstrip("/").rsplit("/", 2)[0] + "/run_summary.json" if record.get("model_dir") else None)
+            if summary_uri and summary_uri not in read and record.get("run_id") != summary.get("run_id"):
+                read.add(summary_uri)
+                if io.exists(summary_uri):
+                    others.append(io.read_json(summary_uri))
+    return method_comparison(summary, others)  # type: ignore[arg-type]
+
+
 def compute_cost(summary: RunSummary, cost_inputs: dict, *, region: str, prices_path: str | None) -> dict:
     from dual_deploy.cost import load_prices, run_cost
 
@@ -431,6 +518,7 @@ class RunSummaryOperator(DictOutputOperator):
     """
 
     template_fields: Sequence[str] = ("summary_uri", "artifacts_uri", "local_copy_path", "data_uri", "ledger_uri")
+    operator_extra_links = (RunReportLink(),)
 
     def __init__(self, *, targets: dict[str, str], summary_uri: str, artifacts_uri: str, platform: str,
                  local_copy_path: str | None = None, data_uri: str | None = None, ledger_uri: str | None = None,
@@ -505,12 +593,17 @@ class RunSummaryOperator(DictOutputOperator):
             if cost:
                 summary["cost"] = cost
                 summary["warnings"] += [f"cost: {w}" for w in cost.get("warnings", [])]
+        comparison = run_optional(summary, "AutoML/custom comparison",
+                                  lambda: compare_methods(io, summary, self.champions_uri))
+        if comparison:
+            summary["comparison"] = comparison
         summary["report_uri"] = None
         report = run_optional(summary, "report", lambda: self._report(io, summary, warnings=summary["warnings"]))
         if report:
             summary["report_uri"], local_index = report
             if local_index:
                 summary["local_report_path"] = local_index
+            context["ti"].xcom_push(key=REPORT_URI_KEY, value=summary["report_uri"])  # RunReportLink
         # 5. write the summary
         write_summary(io, summary, self.summary_uri, self.local_copy_path)
         self.log.info("run summary %s\n%s", self.summary_uri, render_text(summary))
