@@ -327,6 +327,37 @@ def test_first_run_trains_deploys_and_publishes(first_run, deployment):
     assert json.loads(pub["remote_config"]["value"])["version"] == 1
 
 
+def _links(airflow_env, run_id: str) -> dict[tuple[str, str], str]:
+    """(task_id, link XCom key) -> URL, as the task runner stored them for the UI (Airflow 3 computes
+    operator extra links when a task finishes)."""
+    import sqlite3
+
+    db = sqlite3.connect(Path(airflow_env["AIRFLOW_HOME"]) / "airflow.db")
+    try:
+        rows = db.execute("SELECT task_id, key, value FROM xcom WHERE run_id = ? AND key LIKE '%link%' "
+                          "OR (run_id = ? AND key IN ('custom_job_conf', 'model_conf', 'endpoint_conf'))",
+                          (run_id, run_id)).fetchall()
+    finally:
+        db.close()
+    return {(t, k): json.loads(v) if isinstance(v, str) else v for t, k, v in rows}
+
+
+def test_console_links_for_the_job_the_model_version_the_endpoint_and_the_report(first_run, airflow_env):
+    s = first_run["summary"]
+    links = _links(airflow_env, s["run_id"])
+    report = links[("run_summary", "_link_RunReportLink")]
+    bucket, _, path = s["report_uri"].removeprefix("gs://").partition("/")
+    assert report == f"{airflow_env['STORAGE_EMULATOR_HOST']}/{bucket}/{path}"
+    with urllib.request.urlopen(report, timeout=30) as r:  # the emulator serves it like storage.cloud.google.com
+        assert b"<html" in r.read(2000).lower()
+    # The provider's link classes keep their URL under their own keys.
+    for task, key in (("cloud.train", "custom_job_conf"), ("cloud.register_model", "model_conf"),
+                      ("cloud.deploy", "endpoint_conf")):
+        url = links[(task, key)]
+        assert url.startswith("https://console.cloud.google.com/vertex-ai/") and "local-project" in url, (task, url)
+    assert s["targets"]["cloud"]["endpoint"]["endpoint_id"] in links[("cloud.deploy", "endpoint_conf")]
+
+
 def _registry(localcloud, deployment) -> tuple[dict, dict]:
     """(version id -> aliases of the test's model, the test's endpoint) as the local Vertex AI server holds them."""
     state = localcloud.state()
