@@ -15,9 +15,10 @@ Publishers (both implement ``MobileModelPublisher``; pick one per target with ``
     Its successor: the .tflite in Cloud Storage for Firebase under a versioned path plus a
     manifest object the app reads (and optionally a client Remote Config parameter).
 
-Import cost: this module imports ``firebase_admin`` (about 20 ms once the Google provider is
-loaded, which ``dual_deploy.operators.publish`` needs anyway). ``firebase_admin.ml`` imports
-tensorflow when it is installed (10-20 s), so it is only ever imported inside methods.
+Import cost: ``firebase_admin`` is imported inside methods only. The DAG file imports this module,
+and the dag-processor re-imports everything that is not ``airflow.*`` on every parse: ``firebase_admin``
+with google-auth's reauth modules cost 20-30 ms of each parse. ``firebase_admin.ml`` imports
+tensorflow when it is installed (10-20 s).
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import firebase_admin
 from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
-from firebase_admin import credentials as firebase_credentials
 
 from dual_deploy.emulator_hosts import remote_config_base_url
 from dual_deploy.hooks.mobile_publisher import MobileModelPublisher, PublishError, file_sha256
 from dual_deploy.names import FIREBASE_ML_DISPLAY_NAME_PATTERN, FIREBASE_TAG_PATTERN
+
+if TYPE_CHECKING:
+    import firebase_admin
 
 FIREBASE_ML_SHUTDOWN = date(2027, 6, 15)
 
@@ -80,15 +83,21 @@ def _describe_firebase_error(what: str, error: Exception) -> str:
     return f"{what} failed: {status}{code}: {error}"
 
 
-class _GoogleAuthCredential(firebase_credentials.Base):
-    """Hands the hook's google-auth credentials to firebase_admin unchanged."""
+@cache
+def _google_auth_credential_class() -> type:
+    """``_GoogleAuthCredential``: hands the hook's google-auth credentials to firebase_admin unchanged.
+    Defined on first use, so that importing this module does not import firebase_admin."""
+    from firebase_admin import credentials
 
-    def __init__(self, credential):
-        super().__init__()
-        self._credential = credential
+    class _GoogleAuthCredential(credentials.Base):
+        def __init__(self, credential):
+            super().__init__()
+            self._credential = credential
 
-    def get_credential(self):
-        return self._credential
+        def get_credential(self):
+            return self._credential
+
+    return _GoogleAuthCredential
 
 
 class FirebaseHook(GoogleBaseHook):
@@ -135,6 +144,8 @@ class FirebaseHook(GoogleBaseHook):
         Buckets are always passed explicitly by the publishers, so a reused app whose
         ``storageBucket`` option differs does no harm.
         """
+        import firebase_admin
+
         credentials, _ = self.get_credentials_and_project_id()
         project = self.get_firebase_project()
         name = self.app_name
@@ -145,7 +156,8 @@ class FirebaseHook(GoogleBaseHook):
                 options = {"projectId": project}
                 if self.storage_bucket:
                     options["storageBucket"] = self.storage_bucket
-                return firebase_admin.initialize_app(_GoogleAuthCredential(credentials), options=options, name=name)
+                return firebase_admin.initialize_app(_google_auth_credential_class()(credentials), options=options,
+                                                     name=name)
 
 
 # --- Firebase ML -------------------------------------------------------------------------------
