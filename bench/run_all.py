@@ -2,8 +2,9 @@
 
 Each benchmark runs in its own Python process (``bench/<name>.py --out ...``) so TensorFlow state,
 threads and memory of one never leak into the next; a failing benchmark is recorded with its error
-and the others still run. Order: parse_time, training_throughput, tflite_modes, endpoint_latency,
-e2e (``--skip-e2e`` leaves it out and keeps the previous run's e2e figure, marked with its date).
+and the others still run. Order: parse_time, task_startup, service_startup, training_throughput,
+tflite_modes, endpoint_latency, e2e (``--skip-e2e`` leaves it out and keeps the previous run's e2e
+figure, marked with its date).
 
 ``python bench/run_all.py [--quick] [--skip-e2e] [--only a,b] [--no-readme]``
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import benchlib
 
-BENCHMARKS = ("parse_time", "training_throughput", "tflite_modes", "endpoint_latency", "e2e")
+BENCHMARKS = ("parse_time", "task_startup", "service_startup", "training_throughput", "tflite_modes",
+              "endpoint_latency", "e2e")
 USES_DATA = {"training_throughput", "tflite_modes", "endpoint_latency"}
 TIMEOUT_S = {"e2e": 50 * 60}
 DEFAULT_TIMEOUT_S = 30 * 60
@@ -33,6 +35,12 @@ NOTES = [
     "batching), loopback HTTP with keep-alive connections, one 128 px JPEG per request; in-process = the "
     "exported serving signature called with batch 1 on the same bytes from as many threads. Load = 1-minute "
     "load average before-after each row (2 cores shared with other work).",
+    "DAG parse: a real `airflow dag-processor` over Composer's dags/ + plugins/ (scripts/composer_bundle.sh) plus "
+    "the provider's Vertex AI example DAG (bench/anchors), parsed in the same loop; per-parse time = the manager's "
+    "own (fork to result), min_file_process_interval 0, one parse at a time. The first parse's imports of "
+    "`airflow.*` modules happen in the dag-processor's parent (pre-import), shown beside it.",
+    "Task start-up: the task runner's `startup()` (plugins, DAG file parse, template context) in a process forked "
+    "from a worker-like parent, gcp config, Composer layout: what a worker pays before `execute()`, per task.",
 ]
 
 
