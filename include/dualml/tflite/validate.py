@@ -205,6 +205,8 @@ def _keras_probabilities(keras_model, images: np.ndarray, batch_size: int) -> np
     size (``model.predict`` traces again for the last, partial batch)."""
     import tensorflow as tf
 
+    if not callable(keras_model):  # a reference with only predict(), e.g. an exported SavedModel (dualml.automl)
+        return np.asarray(keras_model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
     fn = tf.function(lambda x: keras_model(x, training=False), autograph=False,
                      input_signature=[tf.TensorSpec((None, *images.shape[1:]), tf.float32)])
     return np.concatenate([np.asarray(fn(images[i:i + batch_size]), dtype=np.float32)
