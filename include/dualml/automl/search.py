@@ -149,6 +149,9 @@ def _build(trial: Trial, num_classes: int, seed: int):
 
 def _train(trial: Trial, data: Datasets, num_classes: int, seed: int, to_epochs: int, deadline: float) -> bool:
     """Train ``trial`` on to ``to_epochs`` completed epochs (resuming). False if the deadline stopped it."""
+    if time.monotonic() >= deadline:  # not even worth building the model
+        trial.stopped = "deadline"
+        return False
     if trial.model is None:
         trial.model = _build(trial, num_classes, seed)
     train_ds, val_ds = data.get(trial.candidate.image_size)

@@ -11,6 +11,8 @@ node hours becomes that limit is the local Vertex AI server's business (emulator
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import asdict, dataclass
 
@@ -52,10 +54,27 @@ def check_model_type(model_type: str) -> str:
     return model_type
 
 
+def spaces() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """``SPACES``, with the model types ``DUALML_AUTOML_SPACE`` (JSON, e.g. ``{"CLOUD":
+    [["mobilenet_v3_small", [32]]]}``) replaces: a smaller search for small machines and tests,
+    set in the search image's environment (emulators/localcloud.yaml)."""
+    override = os.environ.get("DUALML_AUTOML_SPACE")
+    if not override:
+        return SPACES
+    try:
+        custom = {t: [(str(arch), tuple(int(s) for s in sizes)) for arch, sizes in pairs]
+                  for t, pairs in json.loads(override).items()}
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"DUALML_AUTOML_SPACE is not {{model type: [[architecture, [sizes]], ...]}}: {e}") from None
+    for t in custom:
+        check_model_type(t)
+    return {**SPACES, **custom}
+
+
 def candidates(model_type: str, seed: int = 0) -> list[Candidate]:
     """Every candidate of ``model_type``'s space in a seeded order (the search's sampling order)."""
     check_model_type(model_type)
-    grid = [Candidate(arch, size, lr) for arch, sizes in SPACES[model_type] for size in sizes
+    grid = [Candidate(arch, size, lr) for arch, sizes in spaces()[model_type] for size in sizes
             for lr in LEARNING_RATES]
     random.Random(f"{model_type}:{seed}").shuffle(grid)
     return grid
