@@ -122,18 +122,20 @@ def pytest_unconfigure(config):
 
 
 # --- localcloud ---------------------------------------------------------------------------------
-# The local Vertex AI API server (emulators/localcloud) as a subprocess for the whole session, with
+# The local Vertex AI API server (emulators/localcloud) as a subprocess, started once per session, with
 # the project's image mapping (emulators/localcloud.yaml) and the session's GCS emulator as the
-# storage its containers see. While it runs, VERTEX_AI_EMULATOR_HOST (and an anonymous
-# google_cloud_default connection) route the provider's hooks and the aiplatform_v1 clients to it.
-# Yields a localcloud.process.LocalCloudProcess: .state(), .add_fault(...), .clear_faults(),
-# .preempt(job_id), .kill9(), .restart(). Tests share it: use unique display names, clear faults.
+# storage its containers see. A module that uses ``localcloud`` gets, for that module only,
+# VERTEX_AI_EMULATOR_HOST / FIREBASE_REMOTE_CONFIG_EMULATOR_HOST and an anonymous google_cloud_default
+# connection, which route the provider's hooks and the aiplatform_v1 clients to it (other modules see
+# the real Google endpoints, as on Composer). Yields a localcloud.process.LocalCloudProcess: .state(),
+# .add_fault(...), .clear_faults(), .preempt(job_id), .kill9(), .restart(). Tests share the server: use
+# unique display names, clear the faults you add.
 
 _ANONYMOUS_GCP_CONN = '{"conn_type": "google_cloud_platform", "extra": {"is_anonymous": true, "project": "local-project"}}'
 
 
 @pytest.fixture(scope="session")
-def localcloud(gcs_emulator, tmp_path_factory):
+def localcloud_server(gcs_emulator, tmp_path_factory):
     import yaml
 
     from localcloud.process import LocalCloudProcess
@@ -157,12 +159,21 @@ def localcloud(gcs_emulator, tmp_path_factory):
     (state / "localcloud.yaml").write_text(yaml.safe_dump(cfg))
     server = LocalCloudProcess(state / "server", config=state / "localcloud.yaml", storage_emulator_host=gcs_emulator)
     server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def localcloud(localcloud_server):
+    from dual_deploy.emulator_hosts import install
+
+    server = localcloud_server
     saved = {k: os.environ.get(k) for k in (*server.env(), "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT")}
     os.environ.update(server.env())
     os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = _ANONYMOUS_GCP_CONN
-    from dual_deploy.emulator_hosts import install
-
-    install()
+    install()  # idempotent; the switch reads the variable whenever a channel is created
     try:
         yield server
     finally:
@@ -171,4 +182,3 @@ def localcloud(gcs_emulator, tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        server.stop()

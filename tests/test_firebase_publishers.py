@@ -691,10 +691,9 @@ def test_operator_builds_firebase_storage_hook():
     ml_hook.assert_not_called()
 
 
-def test_operator_local_backend_and_config_errors():
-    with mock.patch("dual_deploy.operators.publish.LocalMobilePublisherHook") as local_hook:
-        assert operator(backend="local", local_bucket="lb").get_publisher() is local_hook.return_value
-    local_hook.assert_called_once_with("lb", "google_cloud_default")
+def test_operator_config_errors():
+    with pytest.raises(AirflowFailException, match="unknown mobile publishing backend 'local'"):
+        operator(backend="local", **FIREBASE_ARGS).get_publisher()  # gone: locally it is firebase_storage too
     with pytest.raises(AirflowFailException, match="needs firebase_storage_bucket"):
         operator(backend="firebase_storage").get_publisher()
     with pytest.raises(AirflowFailException, match="unknown mobile publishing backend 'firebase'"):
