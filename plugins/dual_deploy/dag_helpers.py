@@ -39,18 +39,26 @@ def run_uri(cfg: Config) -> str:
     return f"{cfg.artifacts_uri}/{{{{ run_id | slug }}}}"
 
 
+# Airflow validates every Param's schema against the schema's metaschema (twice per task while the DAG is
+# serialized, i.e. on every parse); without "$schema" that is the newest draft, whose metaschema is the
+# slowest to check. These schemas use nothing newer than draft 7 (bench/parse_time.py measures the parse).
+_DRAFT7 = {"$schema": "http://json-schema.org/draft-07/schema#"}
+
+
 def run_params(cfg: Config) -> dict[str, Param]:
     return {
         "data_uri": Param(cfg.data.uri, type="string", pattern=r"^gs://[a-z0-9][-_.a-z0-9]*[a-z0-9](/.*)?$",
-                          description="Dataset root in the tf_flowers layout: gs://bucket/prefix/<class>/*.jpg"),
+                          description="Dataset root in the tf_flowers layout: gs://bucket/prefix/<class>/*.jpg",
+                          **_DRAFT7),
         "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500,
-                        description="Override the configured epochs for every target (empty: config)"),
+                        description="Override the configured epochs for every target (empty: config)", **_DRAFT7),
         "targets": Param([t.name for t in cfg.targets], type="array",
                          items={"type": "string", "enum": [t.name for t in cfg.targets]},
-                         description="Which targets to train and deliver in this run"),
+                         description="Which targets to train and deliver in this run", **_DRAFT7),
         "allow_class_change": Param(False, type="boolean",
                                     description="Deliver even if the class set differs from the model serving now "
-                                                "(added/removed classes); without it such a model is not promoted"),
+                                                "(added/removed classes); without it such a model is not promoted",
+                                    **_DRAFT7),
     }
 
 
