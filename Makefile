@@ -14,6 +14,7 @@ help:
 	@echo "make setup   - create .venv with exactly the versions in requirements.lock (uv, ~1-2 min)"
 	@echo "make lock    - re-compile requirements.lock after editing requirements*.txt (LOCK_ARGS=--upgrade)"
 	@echo "make run     - sample data -> GCS emulator + local Vertex AI server -> Airflow -> dual_deployment DAG (DATA=/path/to/folder)"
+	@echo "               CONFIG=dags/config/dual_deploy_automl.yaml: the all-AutoML setup"
 	@echo "make stop    - stop everything make run started (an in-progress run, the local Vertex AI server, the GCS emulator)"
 	@echo "make serve   - bring the local cloud back: the deployed models serve again (after make stop)"
 	@echo "make prune   - delete old run artifacts (KEEP=5 newest kept, and whatever serves or is published; DRY_RUN=1)"
@@ -71,8 +72,9 @@ test-fast: setup
 test-ui: setup tools
 	$(PY) -m pytest -q tests/test_ui_browser.py
 
+# CONFIG=dags/config/dual_deploy_automl.yaml: another config file (DUAL_DEPLOY_CONFIG), e.g. the all-AutoML one.
 run: setup
-	@bash scripts/run_local.sh "$(DATA)"
+	@$(if $(CONFIG),DUAL_DEPLOY_CONFIG="$(abspath $(CONFIG))") bash scripts/run_local.sh "$(DATA)"
 
 stop:
 	@bash scripts/stop_local.sh

@@ -46,7 +46,7 @@ PROGRESS_PID=$!
 set +e
 # Its own session, so `make stop` can end the run and everything it started (pid file below).
 setsid bash -c 'airflow dags test dual_deployment --conf "$1" 2>&1 | tee "$2" \
-  | grep --line-buffered -E "Custom job was created|Status of the custom job|deferr|test accuracy|TFLite|smoke|traffic|endpoint|published|Remote Config|ERROR|Error:"' \
+  | grep --line-buffered -E "Custom job was created|Status of the custom job|milli node hours|View Training|exported .* as |deferr|test accuracy|TFLite|smoke|traffic|endpoint|published|Remote Config|ERROR|Error:"' \
   _ "{\"data_uri\": \"$DATA_URI\"}" "$STATE_DIR/logs/dags-test.log" &
 RUN_PID=$!
 echo "{\"pid\": $RUN_PID}" > "$STATE_DIR/pids/make-run.pid"

@@ -222,3 +222,11 @@ def test_an_automl_run_is_compared_with_the_custom_run_the_channels_serve(root, 
     html = (tmp_path / "ra" / "report" / "index.html").read_text()
     assert "AutoML vs custom training (same test split)" in html and "densenet121 64px" in html
     assert "Vertex AI AutoML <b>CLOUD</b>: 6000 of 8000 milli node hours used" in html
+
+
+def test_make_runs_curl_example_speaks_the_endpoints_format():
+    from dual_deploy.local_platform import curl_example
+
+    automl = curl_example("http://127.0.0.1:9011/v1/x:predict", "/data/a b.jpg", "automl_image")
+    assert '{\\"instances\\": [{\\"content\\": \\"$(base64 -w0 \'/data/a b.jpg\')\\"}]}' in automl
+    assert '[{\\"b64\\":' in curl_example("http://127.0.0.1:9011/v1/x:predict", "/data/a.jpg")

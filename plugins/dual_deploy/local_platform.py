@@ -211,12 +211,14 @@ def upload_dataset(local_dir: str, dest_uri: str) -> int:
     return len(wanted)
 
 
-def curl_example(prediction_url: str, image_path: str) -> str:
+def curl_example(prediction_url: str, image_path: str, instance_format: str = "b64") -> str:
     """The shell command that asks the endpoint about ``image_path``, safe to paste whatever the path holds
-    (the path is quoted for the shell, inside the command substitution that base64-encodes it)."""
+    (the path is quoted for the shell, inside the command substitution that base64-encodes it).
+    ``instance_format``: ``b64`` (the serving app) or ``automl_image`` (AutoML models take ``content``)."""
+    key = "content" if instance_format == "automl_image" else "b64"
     return (
         f'curl -s -X POST {shlex.quote(prediction_url)} -H "Content-Type: application/json" \\\n'
-        f'    -d "{{\\"instances\\": [{{\\"b64\\": \\"$(base64 -w0 {shlex.quote(image_path)})\\"}}]}}"'
+        f'    -d "{{\\"instances\\": [{{\\"{key}\\": \\"$(base64 -w0 {shlex.quote(image_path)})\\"}}]}}"'
     )
 
 
@@ -309,7 +311,7 @@ def show_summary(path: str, endpoint_example_image: str | None = None) -> None:
         if url and endpoint_example_image and state is not None:
             image = request_ready_image(endpoint_example_image, str(Path(path).resolve().parent))
             print("\nThe endpoint is up. Try it (Vertex AI REST request format):")
-            print("  " + curl_example(url, image))
+            print("  " + curl_example(url, image, (t.get("endpoint") or {}).get("instance_format") or "b64"))
             print("Stop it (and the local cloud) with: make stop; bring it back with: make serve")
 
 
