@@ -11,7 +11,6 @@ node hours becomes that limit is the local Vertex AI server's business (emulator
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -55,20 +54,22 @@ def check_model_type(model_type: str) -> str:
 
 
 def spaces() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    """``SPACES``, with the model types ``DUALML_AUTOML_SPACE`` (JSON, e.g. ``{"CLOUD":
-    [["mobilenet_v3_small", [32]]]}``) replaces: a smaller search for small machines and tests,
-    set in the search image's environment (emulators/localcloud.yaml)."""
-    override = os.environ.get("DUALML_AUTOML_SPACE")
+    """``SPACES``, or for every model type the space ``DUALML_AUTOML_SPACE`` names, e.g.
+    ``mobilenet_v3_small:32,64;densenet121:64`` (architecture:sizes, ``;`` between architectures): a
+    smaller search for small machines and tests, set in the search image's environment
+    (emulators/localcloud.yaml)."""
+    override = (os.environ.get("DUALML_AUTOML_SPACE") or "").strip()
     if not override:
         return SPACES
-    try:
-        custom = {t: [(str(arch), tuple(int(s) for s in sizes)) for arch, sizes in pairs]
-                  for t, pairs in json.loads(override).items()}
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"DUALML_AUTOML_SPACE is not {{model type: [[architecture, [sizes]], ...]}}: {e}") from None
-    for t in custom:
-        check_model_type(t)
-    return {**SPACES, **custom}
+    pairs = []
+    for part in filter(None, (p.strip() for p in override.split(";"))):
+        arch, _, sizes = part.partition(":")
+        try:
+            pairs.append((arch.strip(), tuple(int(x) for x in sizes.split(","))))
+        except ValueError:
+            raise ValueError(f"DUALML_AUTOML_SPACE={override!r}: expected architecture:size[,size...] joined by "
+                             "';', e.g. mobilenet_v3_small:32,64;densenet121:64") from None
+    return dict.fromkeys(MODEL_TYPES, pairs)
 
 
 def candidates(model_type: str, seed: int = 0) -> list[Candidate]:
