@@ -130,6 +130,9 @@ class _TaskSDK:
     def xcom_pull(self, task_ids, key="return_value"):
         return self.xcoms.get(task_ids) if key == "return_value" else None
 
+    def xcom_push(self, key, value):
+        self.xcoms[f"run_summary/{key}"] = value
+
 
 @pytest.fixture
 def root(gcs_emulator, monkeypatch) -> str:

@@ -443,3 +443,56 @@ def test_cloud_model_deploys_on_automatic_resources_and_answers_automl_requests(
                                            deployed_model={"model": trained["model"], "dedicated_resources": {
                                                "machine_spec": {"machine_type": "n1-standard-4"},
                                                "min_replica_count": 1}})
+
+
+# ---------------------------------------------------------------------------- cancel and restart
+
+
+def _start_in_thread(op, run_id: str) -> tuple[threading.Thread, list]:
+    errors: list = []
+    worker = threading.Thread(target=lambda: errors.append(_raises(op, run_id)))
+    worker.start()
+    return worker, errors
+
+
+def _wait_running(cloud, run_id: str) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = [p for p in pipelines_of(cloud, run_id) if p["state"] == "PIPELINE_STATE_RUNNING"]
+        if running:
+            return running[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no running pipeline for {run_id}: {pipelines_of(cloud, run_id)}")
+
+
+def test_killing_the_task_cancels_its_pipeline_which_is_billed(cloud):
+    bucket, _ = staged_split(60)  # 36 training images: 1.8 s of fake training
+    run_id = f"r{uuid.uuid4().hex[:6]}"
+    dataset_id = prepare_dataset(bucket, run_id, "automl_mobile")
+    op = train_op(bucket, run_id, dataset_id, budget=4000)
+    worker, errors = _start_in_thread(op, run_id)
+    _wait_running(cloud, run_id)
+    op.on_kill()  # what Airflow calls when the task is killed: the provider cancels the SDK's job
+    worker.join(60)
+    assert isinstance(errors[0], AirflowFailException) and "CANCELLED" in str(errors[0])
+    [pipeline] = pipelines_of(cloud, run_id)
+    assert pipeline["state"] == "PIPELINE_STATE_CANCELLED" and pipeline["error"]["code"] == 1
+    assert int(pipeline["training_task_metadata"]["costMilliNodeHours"]) > 0, "a cancelled training is billed"
+
+
+def test_a_pipeline_survives_a_crash_of_the_server(cloud):
+    bucket, _ = staged_split(60)
+    run_id = f"r{uuid.uuid4().hex[:6]}"
+    dataset_id = prepare_dataset(bucket, run_id, "automl_mobile")
+    worker, errors = _start_in_thread(train_op(bucket, run_id, dataset_id, budget=4000), run_id)
+    running = _wait_running(cloud, run_id)
+    cloud.kill9()  # the training process it started is stopped on restart, then trained again
+    cloud.restart()
+    worker.join(120)
+    assert len(pipelines_of(cloud, run_id)) == 1
+    if errors[0] is not None:  # the SDK's poll hit the restart: the task's retry re-attaches
+        assert not isinstance(errors[0], AirflowFailException), errors[0]
+        out = run(train_op(bucket, run_id, dataset_id, budget=4000), run_id)
+        assert out["reattached"] is True
+    [pipeline] = pipelines_of(cloud, run_id)
+    assert pipeline["name"] == running["name"] and pipeline["state"] == "PIPELINE_STATE_SUCCEEDED"
