@@ -250,13 +250,16 @@ class VertexAutoMLImageTrainingOperator(CreateAutoMLImageTrainingJobOperator):
                               if self.parent_model else f"new model {self.model_display_name!r}")
                 try:
                     super().execute(context)  # creates the pipeline and blocks until it ends
+                    failure = None
                 except RuntimeError as e:  # the SDK's "Training failed with: ..." (FAILED or CANCELLED)
-                    job = getattr(self.hook, "_job", None)
-                    name = getattr(job, "resource_name", None) if job is not None else None
-                    raise self._failed(hook.get_training_pipeline(
-                        project_id=self.project_id, region=self.region, training_pipeline=_resource_id(name))
-                        if name else None, str(e)) from None
-                pipeline, reattached = self._get(hook, _resource_id(self.hook._job.resource_name)), False
+                    failure = str(e)
+                job = getattr(self.hook, "_job", None)
+                name = getattr(job, "_gca_resource", None) and job.resource_name
+                if not name:  # the SDK failed before the pipeline existed
+                    raise self._failed(None, failure or "the training pipeline was not created")
+                pipeline, reattached = self._get(hook, _resource_id(name)), False
+                if failure and pipeline.state.name != "PIPELINE_STATE_SUCCEEDED":
+                    raise self._failed(pipeline, failure)
             else:
                 pipeline_id = _resource_id(existing.name)
                 self.log.info("re-attaching to training pipeline %s (%s) started by an earlier attempt of this run",
