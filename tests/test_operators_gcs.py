@@ -323,7 +323,7 @@ class _FakeTI:
 
     def __init__(self, run_id: str, states: dict[str, str]):
         self.run_id, self.states, self.xcoms = run_id, states, _xcoms(states)
-        self.state_queries = []
+        self.state_queries, self.pushed = [], {}
 
     def get_task_states(self, dag_id, task_ids, run_ids):
         self.state_queries.append((dag_id, sorted(task_ids), run_ids))
@@ -331,6 +331,9 @@ class _FakeTI:
 
     def xcom_pull(self, task_ids, key="return_value"):
         return self.xcoms.get(task_ids) if key == "return_value" else None
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
 
 
 def _summary_dag(bucket: str, local_copy: str):
@@ -362,6 +365,8 @@ def test_run_summary_operator_writes_the_summary(gcs, bucket, tmp_path):
         assert json.load(f) == remote
     assert remote["status"] == "success" and remote["summary_uri"] == out["summary_uri"]
     assert set(remote["targets"]) == {"cloud", "mobile"}
+    # The run report's address goes to XCom, where RunReportLink finds it for the task's extra link.
+    assert ti.pushed["report_uri"] == remote["report_uri"] and remote["report_uri"].startswith(f"gs://{bucket}/")
 
 
 def test_run_summary_operator_fails_the_task_when_a_target_failed(gcs, bucket, tmp_path):

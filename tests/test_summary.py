@@ -75,6 +75,7 @@ class _TaskSDK:
 
     def __init__(self, run_id: str, states: dict[str, str], xcoms: dict, keyed: dict | None = None):
         self.run_id, self.states, self.xcoms, self.keyed = run_id, states, xcoms, keyed or {}
+        self.pushed: dict = {}
 
     def get_task_states(self, dag_id, task_ids=None, run_ids=None, **_):
         return {self.run_id: {t: s for t, s in self.states.items() if task_ids is None or t in task_ids}}
@@ -83,6 +84,9 @@ class _TaskSDK:
         if key == "return_value":
             return self.xcoms.get(task_ids)
         return self.keyed.get((task_ids, key))
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
 
 
 # ------------------------------------------------------------------ pure: first failure, targets, text
