@@ -310,12 +310,18 @@ def render_table(results: dict) -> str:
     if tt.get("error"):
         rows.append(("training throughput", f"error: {tt['error']}", "", ""))
     for mm in tt.get("models", []):
+        aug = ""
+        if mm.get("no_augmentation_img_s") is not None:
+            aug = (f"; without augmentation {_f(mm.get('no_augmentation_img_s'), '{:.1f} img/s')} "
+                   f"({_x(mm.get('ratio_no_augmentation_vs_in_memory'))})")
         rows.append((
             f"training {mm['architecture']} {mm['image_size']} px, batch {mm['batch_size']}",
-            f"input pipeline {_f(mm.get('pipeline_img_s'), '{:.1f} img/s')}",
+            f"input pipeline {_f(mm.get('pipeline_img_s'), '{:.1f} img/s')}{aug}"
+            + (f"; load {mm['load_average_1m'][0]}-{mm['load_average_1m'][1]}" if mm.get("load_average_1m") else ""),
             f"in-memory tensors {_f(mm.get('in_memory_img_s'), '{:.1f} img/s')}",
             _x(mm.get("ratio_pipeline_vs_in_memory")),
         ))
+    rows += _trainer_rows(b.get("trainer_profile") or {})
 
     tl = b.get("tflite_modes") or {}
     if tl.get("error"):
@@ -500,6 +506,44 @@ def _service_startup_rows(ss: dict) -> list[tuple[str, str, str, str]]:
             f"`python -m http.server` {_s(med.get('http_server_s'))}; `python -c pass` {_s(med.get('python_pass_s'))}",
             f"{_x(ratios.get(key + '_command_s'))} (server alone {_x(ratios.get(key + '_server_s'))})",
         ))
+    return rows
+
+
+def _trainer_rows(tp: dict) -> list[tuple[str, str, str, str]]:
+    """Trainer process rows: where the seconds of one `python -m dualml.trainer` go."""
+    if tp.get("error"):
+        return [("trainer process", f"error: {tp['error']}", "", "")]
+    rows = []
+    for m in tp.get("models", []):
+        cur, base = m.get("current") or {}, m.get("baseline")
+        ph = cur.get("phases") or {}
+
+        def w(k: str, ph=ph) -> str:
+            return _f((ph.get(k) or {}).get("wall_s"), "{:.1f}")
+
+        export = sum((ph.get(k) or {}).get("wall_s") or 0 for k in ("export_savedmodel", "export_keras", "export_check"))
+        loads = [x for run in cur.get("load_average_1m") or [] for x in run]
+        load = f"; load {min(loads)}-{max(loads)}" if loads else ""
+        args = " ".join(a.split("=", 1)[1] for a in m.get("args", []) if a.startswith(("--image-size", "--epochs")))
+        acc = ", ".join(_pct(a) for a in cur.get("accuracy") or [])
+        measured = (
+            f"{_f(cur.get('wall_s'), '{:.0f} s')} wall, {_f(cur.get('cpu_s'), '{:.0f} s')} CPU: import {w('import')}, "
+            f"data {w('data')}, build {w('build')}, first epoch {w('first_epoch')} (first step "
+            f"{_f(cur.get('first_step_s'), '{:.1f}')}), later epochs {w('later_epochs')}, fit end {w('fit_other')}, "
+            f"evaluate {w('evaluate')}, export {export:.1f} (check {w('export_check')}), write {w('write')}, "
+            f"exit {w('exit')} s; test accuracy {acc}{load}"
+        )
+        if base:
+            anchor = (f"before ({(tp.get('baseline_commit') or '?')[:7]}): {_f(base.get('wall_s'), '{:.0f} s')} wall, "
+                      f"{_f(base.get('cpu_s'), '{:.0f} s')} CPU, first epoch "
+                      f"{_f(((base.get('phases') or {}).get('first_epoch') or {}).get('wall_s'), '{:.1f} s')}, "
+                      f"test accuracy {', '.join(_pct(a) for a in base.get('accuracy') or [])}")
+            ratio_txt = f"wall {_x(m.get('ratio_wall_vs_baseline'))}, CPU {_x(m.get('ratio_cpu_vs_baseline'))}"
+        else:
+            anchor = f"steady-state training {_f(cur.get('steady_training_s'), '{:.0f} s')} (epochs x later-epoch mean)"
+            ratio_txt = f"wall {_x(m.get('overhead_ratio'))} of it"
+        rows.append((f"trainer process {m.get('architecture')} ({args.replace(' ', ' px, ', 1)} epochs; "
+                     f"{tp.get('storage', '')})", measured, anchor, ratio_txt))
     return rows
 
 

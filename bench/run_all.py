@@ -3,7 +3,7 @@
 Each benchmark runs in its own Python process (``bench/<name>.py --out ...``) so TensorFlow state,
 threads and memory of one never leak into the next; a failing benchmark is recorded with its error
 and the others still run. Order: parse_time, task_startup, service_startup, training_throughput,
-tflite_modes, endpoint_latency, e2e (``--skip-e2e`` leaves it out and keeps the previous run's e2e
+trainer_profile, tflite_modes, endpoint_latency, e2e (``--skip-e2e`` leaves it out and keeps the previous run's e2e
 figure, marked with its date).
 
 ``python bench/run_all.py [--quick] [--skip-e2e] [--only a,b] [--no-readme]``
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import benchlib
 
-BENCHMARKS = ("parse_time", "task_startup", "service_startup", "training_throughput", "tflite_modes",
-              "endpoint_latency", "e2e")
-USES_DATA = {"training_throughput", "tflite_modes", "endpoint_latency"}
-TIMEOUT_S = {"e2e": 50 * 60}
+BENCHMARKS = ("parse_time", "task_startup", "service_startup", "training_throughput", "trainer_profile",
+              "tflite_modes", "endpoint_latency", "e2e")
+USES_DATA = {"training_throughput", "trainer_profile", "tflite_modes", "endpoint_latency"}
+TIMEOUT_S = {"e2e": 50 * 60, "trainer_profile": 60 * 60}
 DEFAULT_TIMEOUT_S = 30 * 60
 NOTES = [
     "Ratios are taken within one run, the two sides measured alternately (medians, warm-up excluded).",

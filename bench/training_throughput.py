@@ -1,18 +1,24 @@
-"""Training throughput through the real input pipeline vs the same model's train steps on an
-in-memory tensor.
+"""Training throughput through the trainer's input pipeline vs the same model's train steps on
+in-memory tensors.
 
 For MobileNetV3Small and DenseNet121 at the local platform's image sizes (weights=None, batch 16,
-compiled as the trainer compiles them): ``model.fit`` over ``dualml.trainer.data_pipeline.image_dataset``
-(the training split of the generated sample data: read, decode, resize, cache, shuffle, augment,
-batch, prefetch) vs ``model.fit`` of the same model on one in-memory batch of the same shape
-repeated (``tf.data.Dataset.from_tensors(...).repeat()``: no decode, no augmentation).
+compiled as the trainer compiles them), ``model.fit`` epochs over:
 
-Warm-up excluded: one in-memory epoch (traces the train step), then the pipeline's first epoch
-(decodes and fills the cache; reported separately as ``pipeline_first_epoch_s``), then ``rounds``
-of (pipeline epochs, in-memory epochs) side by side, each lasting about 6 s (several epochs of
-one ``fit`` call; 3 s with ``--quick``). Images/s is an epoch's images over its mean
-duration (epoch begin to end: iterator creation and every batch fetch included); medians are
-reported, with the ratio pipeline / in-memory.
+- ``pipeline``: ``dualml.trainer.data_pipeline.image_dataset`` exactly as the trainer uses it (the
+  training split of the generated sample data: read, decode, resize, cache, shuffle, batch, augment
+  the batch, prefetch; endless, ``steps_per_epoch`` = one pass);
+- ``no augmentation``: the same without augmentation (so augmentation is measured separately);
+- ``in-memory``: the same number of batches of the same shapes (full batches and the last, partial
+  one) from tensors already in memory (``tf.data.Dataset.from_tensors``): no decode, no augmentation.
+
+Warm-up excluded: one in-memory epoch (traces the train step), then one epoch of each pipeline
+(decodes and fills its cache; the first is reported as ``pipeline_first_epoch_s``), then ``rounds``
+of the three side by side (order rotated each round), each lasting about 6 s (several epochs of one
+``fit`` call; 3 s with ``--quick``). Images/s is an epoch's images over its mean duration; medians
+are reported with the ratio pipeline / in-memory (same batches, so it is also the step-rate ratio).
+The pipeline alone (batches pulled without training) gives its own rate and CPU seconds per epoch,
+the CPU the input side competes for with training on a machine of ``nproc`` cores; the 1-minute load
+average is recorded before and after each model.
 
 ``python bench/training_throughput.py [--data DIR] [--rounds N] [--quick] [--out FILE]``
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -60,50 +67,71 @@ def bench_model(architecture: str, image_size: int, train_files, num_classes: in
     import tensorflow as tf
 
     from dualml.trainer import data_pipeline as dp
-    from dualml.trainer.models import build_classifier, set_backbone_trainable
+    from dualml.trainer.models import build_classifier, compile_classifier, set_backbone_trainable
 
+    load_before = os.getloadavg()[0]
     keras.utils.set_random_seed(0)
     t_build = time.perf_counter()
     # As the trainer builds a weights=None model: BN momentum 0.9, whole backbone trainable.
     model, backbone = build_classifier(architecture, num_classes, image_size, None, 0.2, 0.9)
     set_backbone_trainable(backbone, trainable=True, freeze_batchnorm=False)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    compile_classifier(model, 1e-3)
     build_s = time.perf_counter() - t_build
 
     n = len(train_files)
-    pipeline = dp.image_dataset(train_files, image_size, batch_size, training=True, augment=True, seed=42)
+    steps = dp.steps_per_epoch(n, batch_size)
+    datasets = {
+        "pipeline": dp.image_dataset(train_files, image_size, batch_size, training=True, augment=True, seed=42,
+                                     repeat=True),
+        "no_augmentation": dp.image_dataset(train_files, image_size, batch_size, training=True, augment=False,
+                                            seed=42, repeat=True),
+    }
     x = tf.random.uniform((batch_size, image_size, image_size, 3), 0.0, 255.0, seed=1)
     y = tf.random.uniform((batch_size,), 0, num_classes, dtype=tf.int32, seed=2)
-    in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()
-    mem_steps = math.ceil(n / batch_size)
-    mem_images = mem_steps * batch_size
+    last = n - (steps - 1) * batch_size  # the partial last batch of a pass, as the pipeline has
+    one_pass = tf.data.Dataset.from_tensors((x, y)).repeat(steps - 1).concatenate(
+        tf.data.Dataset.from_tensors((x[:last], y[:last])))
+    datasets["in_memory"] = one_pass.repeat()
 
-    def epoch(ds, steps=None, epochs=1) -> tuple[float, int]:
-        """Seconds per epoch (mean over ``epochs`` epochs of one fit call) and steps per epoch."""
+    def epochs(name: str, count: int = 1) -> tuple[float, float]:
+        """Mean wall and CPU seconds per epoch over ``count`` epochs of one fit call."""
         timer = _epoch_timer()
-        model.fit(ds, epochs=epochs, steps_per_epoch=steps, callbacks=[timer], verbose=0)
-        return statistics.fmean(timer.durations), timer.steps
+        cpu = time.process_time()
+        model.fit(datasets[name], epochs=count, steps_per_epoch=steps, callbacks=[timer], verbose=0, shuffle=False)
+        return statistics.fmean(timer.durations), (time.process_time() - cpu) / count
 
     t_warm = time.perf_counter()
-    epoch(in_memory, mem_steps)  # traces the train step
+    epochs("in_memory")  # traces the train step
     warmup_s = time.perf_counter() - t_warm
-    first_s, _ = epoch(pipeline)  # decode + cache fill (+ a retrace for the last, partial batch)
+    first_s, _ = epochs("pipeline")  # decode + cache fill
+    epochs("no_augmentation")
     # Each measurement spans several epochs so that it lasts about min_measure_s (a 210-image
     # epoch of a small model is ~1 s: too short to time on a shared machine).
-    probe, _ = epoch(pipeline)
-    epochs_per_round = max(1, math.ceil(min_measure_s / max(probe, 1e-3)))
-    pipe_s, mem_s, pipe_steps = [], [], 0
+    probe, _ = epochs("pipeline")
+    per_round = max(1, math.ceil(min_measure_s / max(probe, 1e-3)))
+    wall: dict[str, list[float]] = {k: [] for k in datasets}
+    cpu: dict[str, list[float]] = {k: [] for k in datasets}
+    names = list(datasets)
     for r in range(rounds):
-        d, pipe_steps = epoch(pipeline, epochs=epochs_per_round)
-        pipe_s.append(d)
-        d, _ = epoch(in_memory, mem_steps, epochs=epochs_per_round)
-        mem_s.append(d)
+        for name in names[r % 3:] + names[: r % 3]:
+            w, c = epochs(name, per_round)
+            wall[name].append(w)
+            cpu[name].append(c)
         benchlib.log(f"training_throughput: {architecture} round {r + 1}/{rounds}: "
-                     f"pipeline {n / pipe_s[-1]:.1f} img/s, in-memory {mem_images / mem_s[-1]:.1f} img/s")
-    pipe_rates = [n / d for d in pipe_s]
-    mem_rates = [mem_images / d for d in mem_s]
-    pipe_med, mem_med = statistics.median(pipe_rates), statistics.median(mem_rates)
+                     + ", ".join(f"{k} {n / wall[k][-1]:.1f} img/s" for k in names))
+
+    # The input side alone: batches pulled as fast as the pipeline makes them, no training.
+    alone = {}
+    for name in ("pipeline", "no_augmentation"):
+        it = iter(datasets[name])
+        next(it)
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(steps * per_round):
+            next(it)
+        alone[name] = {"epoch_s": (time.perf_counter() - t) / per_round, "cpu_s": (time.process_time() - c) / per_round}
+
+    rate = {k: n / statistics.median(v) for k, v in wall.items()}
+    mem_epoch = statistics.median(wall["in_memory"])
     return {
         "architecture": architecture,
         "image_size": image_size,
@@ -111,22 +139,28 @@ def bench_model(architecture: str, image_size: int, train_files, num_classes: in
         "weights": None,
         "params": int(model.count_params()),
         "train_images_per_epoch": n,
-        "pipeline_steps_per_epoch": pipe_steps,
-        "in_memory_images_per_epoch": mem_images,
+        "steps_per_epoch": steps,
         "rounds": rounds,
-        "epochs_per_round": epochs_per_round,
+        "epochs_per_round": per_round,
         "build_s": build_s,
         "warmup_s": warmup_s,
         "pipeline_first_epoch_s": first_s,
         "pipeline_first_epoch_img_s": n / first_s,
-        "pipeline_epoch_s": pipe_s,
-        "in_memory_epoch_s": mem_s,
-        "pipeline_img_s": pipe_med,
-        "in_memory_img_s": mem_med,
-        "pipeline_steps_s": pipe_steps / statistics.median(pipe_s),
-        "in_memory_steps_s": mem_steps / statistics.median(mem_s),
-        "ratio_pipeline_vs_in_memory": benchlib.ratio(pipe_med, mem_med),
-        "ratio_per_round": [p / m for p, m in zip(pipe_rates, mem_rates, strict=True)],
+        "epoch_s": wall,
+        "epoch_cpu_s": cpu,
+        "pipeline_img_s": rate["pipeline"],
+        "no_augmentation_img_s": rate["no_augmentation"],
+        "in_memory_img_s": rate["in_memory"],
+        "pipeline_steps_s": steps / statistics.median(wall["pipeline"]),
+        "in_memory_steps_s": steps / mem_epoch,
+        "ratio_pipeline_vs_in_memory": benchlib.ratio(rate["pipeline"], rate["in_memory"]),
+        "ratio_no_augmentation_vs_in_memory": benchlib.ratio(rate["no_augmentation"], rate["in_memory"]),
+        "ratio_per_round": [p / m for p, m in zip(wall["in_memory"], wall["pipeline"], strict=True)],
+        # CPU the input side needs per epoch, alone, next to what a training epoch takes.
+        "input_alone": {k: {"img_s": n / v["epoch_s"], "cpu_s_per_epoch": v["cpu_s"]} for k, v in alone.items()},
+        "augmentation_cpu_s_per_epoch": alone["pipeline"]["cpu_s"] - alone["no_augmentation"]["cpu_s"],
+        "in_memory_cpu_s_per_epoch": statistics.median(cpu["in_memory"]),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -144,9 +178,11 @@ def run(data_dir: str | None = None, rounds: int = 3, architectures=ARCHITECTURE
             models.append(bench_model(arch, sizes.get(arch, 96), manifest.files["train"], len(manifest.labels),
                                       rounds=rounds, min_measure_s=min_measure_s))
     return {
-        "method": "model.fit epochs, median of rounds, pipeline and in-memory alternated; warm-up excluded",
+        "method": "model.fit epochs (steps_per_epoch = one pass), median of rounds, pipeline / no augmentation / "
+                  "in-memory rotated; warm-up excluded",
         "data": "dualml.sample_data (5 classes, 60 per class, 128 px JPEG), local split train",
         "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "nproc": os.cpu_count(),
         "models": models,
     }
 

@@ -329,6 +329,83 @@ def test_tfrecords_hold_the_same_examples_as_the_images(manifest, tmp_path):
     assert key(xi, yi) == key(xr, yr)
 
 
+def test_training_pipeline_is_one_pass_per_epoch_reproducible_and_augmented(manifest):
+    """repeat=True + steps_per_epoch: every epoch is one shuffled pass (last batch partial), the
+    augmented batches are the same for the same seed and differ between epochs."""
+    import keras
+
+    from dualml.trainer import data_pipeline as dp
+
+    files = manifest.files["train"]  # 40 images
+    steps = dp.steps_per_epoch(len(files), 16)
+    assert steps == 3
+
+    def two_epochs(augment=True, seed=42):
+        keras.utils.set_random_seed(0)
+        it = iter(dp.image_dataset(files, 40, 16, training=True, augment=augment, seed=seed, repeat=True))
+        return [tuple(t.numpy() for t in next(it)) for _ in range(2 * steps)]
+
+    a, b = two_epochs(), two_epochs()
+    assert [len(y) for _, y in a] == [16, 16, 8] * 2
+    for epoch in (a[:steps], a[steps:]):  # each image exactly once per epoch
+        assert sorted(np.concatenate([y for _, y in epoch]).tolist()) == sorted(i for _, i in files)
+    assert all(np.array_equal(x1, x2) and np.array_equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
+    assert not np.array_equal(a[0][0], a[steps][0])  # reshuffled and re-augmented
+    x = np.concatenate([x for x, _ in a])
+    assert x.dtype == np.float32 and x.shape[1:] == (40, 40, 3) and 0 <= x.min() and x.max() <= 255
+
+    # Augmentation changes the images (not the labels), differently per image and per seed.
+    plain = two_epochs(augment=False)
+    assert [y.tolist() for _, y in plain] == [y.tolist() for _, y in a]
+    diff = np.abs(a[0][0] - plain[0][0]).reshape(16, -1).mean(axis=1)
+    assert (diff > 0.5).all() and len(np.unique(diff.round(3))) > 8
+    assert not np.array_equal(two_epochs(seed=7)[0][0], a[0][0])
+    # Evaluation batches: no augmentation, manifest order, one finite pass.
+    ev = [y for _, y in dp.image_dataset(files, 40, 16, training=False)]
+    assert np.concatenate(ev).tolist() == [i for _, i in files]
+
+
+def test_train_step_is_traced_once_and_inference_once(manifest, tmp_path):
+    """compile_classifier creates the optimizer and metric variables up front, so fit traces the
+    train step once (not twice); evaluation and the serving export share one inference trace."""
+    import keras
+    import tensorflow as tf
+
+    from dualml.preprocess import load_image
+    from dualml.trainer import data_pipeline as dp
+    from dualml.trainer.evaluate import predict_batches
+    from dualml.trainer.export import export_serving_model, inference_fn, load_serving_fn
+    from dualml.trainer.models import build_classifier, compile_classifier
+
+    model, _ = build_classifier("mobilenet_v3_small", 5, 32, weights=None, bn_momentum=0.9)
+    compile_classifier(model, 1e-3)
+    traces = []
+    train_step = model.train_step
+    model.train_step = lambda data: traces.append(1) or train_step(data)
+    train = dp.image_dataset(manifest.files["train"], 32, 16, training=True, repeat=True)
+    val = dp.image_dataset(manifest.files["val"], 32, 16, training=False)
+    hist = model.fit(train, validation_data=val, epochs=2, steps_per_epoch=3, verbose=0, shuffle=False)
+    assert len(traces) == 1
+    assert len(hist.history["loss"]) == 2 and "val_accuracy" in hist.history
+
+    infer = inference_fn(model, 32)
+    y, probs = predict_batches(infer, dp.image_dataset(manifest.files["test"], 32, 4, training=False))
+    assert probs.shape == (10, 5) and y.tolist() == [i for _, i in manifest.files["test"]]  # 4+4+2: one trace
+    export_serving_model(model, manifest.labels, 32, str(tmp_path / "export"), infer=infer)
+    assert infer.experimental_get_tracing_count() == 1
+    raw = [Path(u).read_bytes() for u, _ in manifest.files["test"]]
+    served = load_serving_fn(str(tmp_path / "export"))(image_bytes=tf.constant(raw))
+    np.testing.assert_allclose(served["probabilities"].numpy(), probs, atol=1e-5)
+    expected = model.predict(np.stack([load_image(b, 32) for b in raw]), verbose=0)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert dataset.parse_labels((tmp_path / "export" / "labels.txt").read_text()) == manifest.labels
+
+    keras.saving.save_model(model, tmp_path / "model.keras")
+    m = evaluate.evaluate_keras_model(str(tmp_path / "model.keras"), manifest.files["test"], manifest.labels,
+                                      batch_size=4)
+    assert m == evaluate.classification_metrics(y, probs.argmax(axis=-1), manifest.labels)
+
+
 def test_tfrecord_dir_without_a_split_is_a_dataset_error(tmp_path):
     from dualml.trainer import data_pipeline as dp
 
@@ -531,3 +608,65 @@ def test_bad_data_fails_with_the_dataset_error_and_publishes_nothing(tmp_path):
     assert "found 1 class folder(s) with images (daisy); need at least 2" in proc.stdout
     assert not model_dir.exists() or not any(model_dir.iterdir())
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+@pytest.mark.slow
+def test_deterministic_training_gives_the_same_model_twice(manifest, tmp_path, no_vertex_env):
+    """--deterministic=true: the same data and seed give the same weights and metrics (the champion
+    gate relies on a re-run tying with its champion)."""
+    import keras
+
+    from dualml.trainer import task
+
+    split = tmp_path / "split.json"
+    split.write_text(manifest.to_json())
+    results = []
+    for k in range(2):
+        cfg = TrainConfig(architecture="mobilenet_v3_small", data_uri="", split_uri=str(split),
+                          model_dir=str(tmp_path / f"model{k}"), image_size=32, batch_size=8, epochs=2,
+                          weights=None, deterministic=True).validate()
+        results.append(task.run(cfg))
+    m0, m1 = (r["metrics"] for r in results)
+    assert m0["confusion_matrix"] == m1["confusion_matrix"] and m0["accuracy"] == m1["accuracy"]
+    h0, h1 = (json.loads((tmp_path / f"model{k}" / "history.json").read_text()) for k in range(2))
+    assert h0 == h1
+    w0, w1 = (keras.saving.load_model(tmp_path / f"model{k}" / "model.keras").get_weights() for k in range(2))
+    assert all(np.array_equal(a, b) for a, b in zip(w0, w1, strict=True))
+    phases = json.loads((tmp_path / "model0" / "training_config.json").read_text())["timings"]["phases"]
+    assert set(phases) == {"data", "build", "train", "evaluate", "export_savedmodel", "export_keras", "export_check"}
+    assert all(p["wall_s"] >= 0 and p["cpu_s"] >= 0 for p in phases.values())
+
+
+# ================================================================ bench: trainer profile phases
+
+
+def test_trainer_profile_phases_from_probe_events():
+    """bench/trainer_profile.py turns trainer_probe.py's events into phases that add up."""
+    sys.path.insert(0, str(INCLUDE.parent / "bench"))
+    try:
+        import trainer_profile
+    finally:
+        sys.path.remove(str(INCLUDE.parent / "bench"))
+    t = 1000.0
+    names = [("probe_start", 0), ("imports_end", 10), ("run_start", 10.5), ("build_start", 12), ("fit_start", 14),
+             ("epoch_begin", 14.5), ("first_step_end", 30), ("validation_begin", 33), ("validation_end", 35),
+             ("epoch_end", 36), ("epoch_begin", 36), ("upload_start", 38), ("upload_end", 39), ("epoch_end", 40),
+             ("epoch_begin", 40), ("epoch_end", 43), ("fit_end", 44), ("export_savedmodel_start", 46),
+             ("export_savedmodel_end", 50), ("save_keras_start", 50), ("save_keras_end", 51),
+             ("export_check_start", 51), ("export_check_end", 53), ("upload_start", 53), ("upload_end", 54),
+             ("main_end", 55)]
+    events = [{"name": n, "t": t + dt, "cpu": dt / 2} for n, dt in names]
+    res = trainer_profile.phases_from_events(events, spawned_at=t - 1, exited_at=t + 57)
+    ph = {k: v["wall_s"] for k, v in res["phases"].items()}
+    assert ph == pytest.approx({"startup": 1, "import": 10, "data": 2, "build": 2, "first_epoch": 21.5,
+                                "later_epochs": 7, "fit_other": 1.5, "evaluate": 2, "export_savedmodel": 4,
+                                "export_keras": 1, "export_check": 2, "write": 2, "exit": 2})
+    assert sum(ph.values()) == pytest.approx(58)  # spawn to exit, nothing lost or counted twice
+    assert res["phases"]["first_epoch"]["cpu_s"] == pytest.approx(10.75)
+    assert res["epochs"] == 3 and res["first_step_s"] == pytest.approx(15.5)
+    assert res["first_validation_s"] == pytest.approx(2) and res["checkpoint_sync_s"] == pytest.approx(1)
+    assert res["steady_epoch_s"] == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="incomplete epoch events"):
+        trainer_profile.phases_from_events(events[:15] + events[16:], spawned_at=t - 1, exited_at=t + 57)
+    with pytest.raises(ValueError, match="did not reach fit_end, main_end"):
+        trainer_profile.phases_from_events(events[:16], spawned_at=t - 1, exited_at=t + 57)

@@ -1,5 +1,3 @@
-import sys
+from dualml.trainer.task import exit_process, main
 
-from dualml.trainer.task import main
-
-sys.exit(main())
+exit_process(main())

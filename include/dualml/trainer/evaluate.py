@@ -35,6 +35,16 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
     }
 
 
+def predict_batches(infer, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) over ``batches`` of (images, labels), in order, in one pass
+    through ``infer`` (see ``dualml.trainer.export.inference_fn``: traced once)."""
+    ys, probs = [], []
+    for images, y in batches:
+        probs.append(np.asarray(infer(images)))
+        ys.append(np.asarray(y))
+    return np.concatenate(ys), np.concatenate(probs)
+
+
 def evaluate_keras_model(model_path: str, files: list[tuple[str, int]], labels: list[str],
                          batch_size: int = 32) -> dict:
     """Re-evaluate a saved ``model.keras`` on (image path, class index) pairs, e.g. to compare a
@@ -42,9 +52,11 @@ def evaluate_keras_model(model_path: str, files: list[tuple[str, int]], labels: 
     import keras
 
     from dualml.preprocess import load_image
+    from dualml.trainer.export import inference_fn
 
     model = keras.saving.load_model(model_path, compile=False)
     size = int(model.inputs[0].shape[1])
+    infer = inference_fn(model, size)  # one trace whatever the number of images
     images = np.stack([load_image(path, size) for path, _ in files])
-    probs = model.predict(images, batch_size=batch_size, verbose=0)
+    probs = np.concatenate([np.asarray(infer(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
     return classification_metrics([i for _, i in files], probs.argmax(axis=-1), labels)

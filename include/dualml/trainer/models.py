@@ -81,3 +81,20 @@ def set_backbone_trainable(
     for i, layer in enumerate(backbone.layers):
         frozen = i < fine_tune_at or (freeze_batchnorm and isinstance(layer, keras.layers.BatchNormalization))
         layer.trainable = not frozen
+
+
+def compile_classifier(model: keras.Model, learning_rate: float) -> None:
+    """Compile for training (Adam, sparse cross-entropy, accuracy) and create every variable the
+    train step needs before it is traced.
+
+    A tf.function whose first trace creates variables is traced a second time. Without a
+    distribution strategy scope (CPU or one GPU) Keras builds the optimizer, and a metric given
+    by name, lazily inside that first trace: building them here halves the first epoch's tracing
+    (DenseNet121 at 64 px on 2 cores: ~40 s of CPU).
+    """
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    model.optimizer.build(model.trainable_variables)
