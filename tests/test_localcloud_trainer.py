@@ -7,6 +7,7 @@ checkpoints it synced to AIP_CHECKPOINT_DIR. Tiny data (60 images at 48 px), 32 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -77,13 +78,11 @@ def test_two_replica_job_trains_with_multi_worker_mirrored_strategy(hook, localc
     # The server's part: both replicas ran with a TF_CONFIG that formed one 2-replica cluster.
     assert "strategy=multi_worker_mirrored replicas=2 chief=True" in chief, chief[-3000:]
     assert "strategy=multi_worker_mirrored replicas=2 chief=False" in worker, worker[-3000:]
-    if done.state.name == "JOB_STATE_FAILED" and "Attempt to convert a value (PerReplica" in chief + worker:
-        # Known trainer defect (include/dualml/trainer, reported to its owner): Keras 3's fit() under
-        # MultiWorkerMirroredStrategy fails converting a PerReplica batch. Reproduced without this
-        # server (two `python -m dualml.trainer` processes with the same TF_CONFIG). The rest of this
-        # test runs once the trainer trains on two workers.
-        pytest.xfail("trainer: Keras fit() under MultiWorkerMirroredStrategy fails on a PerReplica batch")
     assert done.state.name == "JOB_STATE_SUCCEEDED", f"{done.error.message}\n--- chief\n{chief[-3000:]}\n--- worker\n{worker[-3000:]}"
+    # One model trained in step: both workers log the same all-reduced loss and accuracy each epoch.
+    epoch_logs = [re.findall(r"accuracy: [0-9.]+ - loss: [0-9.]+ - val_accuracy: [0-9.]+ - val_loss: [0-9.]+", log)
+                  for log in (chief, worker)]
+    assert len(epoch_logs[0]) == 1 and epoch_logs[0] == epoch_logs[1], epoch_logs
     config = json.loads(storage.read_text(f"{base}/model/training_config.json"))
     assert (config["strategy"], config["replicas"]) == ("multi_worker_mirrored", 2)
     assert config["config"]["model_dir"] == f"{base}/model/"  # AIP_MODEL_DIR

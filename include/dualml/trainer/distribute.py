@@ -52,3 +52,39 @@ def make_strategy(kind: str):
     if kind == "one_device_gpu":
         return tf.distribute.OneDeviceStrategy("/gpu:0")
     return tf.distribute.get_strategy()
+
+
+def allow_keras_fit_multi_worker(model, strategy, element_spec) -> None:
+    """Make Keras 3's ``fit`` run under ``MultiWorkerMirroredStrategy`` (call it before ``fit``).
+
+    Keras 3 (3.15 here, keras-team/keras#20585, tensorflow/tensorflow#72388) breaks on a
+    multi-worker cluster in two places, each fixed here without changing what is trained:
+
+    - before the first step it builds the model's metrics from a *data batch* it all-reduces
+      eagerly across workers (``strategy.reduce`` of a PerReplica batch: "Attempt to convert a
+      value (PerReplica ...) to a Tensor"). Only shapes and dtypes are needed, so this model
+      builds from the dataset's ``element_spec`` instead;
+    - each step's scalar logs (loss, metrics) are averaged across workers with ``axis=0``
+      ("Invalid reduction dimension 0 for input with 0 dimensions"): averaged with
+      ``axis=None``, which is what a scalar needs.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    def symbolic_build(iterator=None, data_batch=None):
+        with strategy.scope():
+            model._symbolic_build(data_batch=element_spec)
+
+    model._maybe_symbolic_build = symbolic_build
+    if getattr(tf_trainer.reduce_per_replica, "_dualml_multi_worker", False):
+        return
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            from keras.src import tree
+
+            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._dualml_multi_worker = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
