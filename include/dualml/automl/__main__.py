@@ -141,4 +141,7 @@ def train(a, specs: list[dict], splits: dict, deadline: float, log) -> dict:
 
 
 if __name__ == "__main__":
+    from dualml.quiet_tf import import_tensorflow
+
+    import_tensorflow()
     sys.exit(main())

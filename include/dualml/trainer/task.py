@@ -147,8 +147,10 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig, work: str) -> dict:
+    from dualml.quiet_tf import import_tensorflow
+
+    tf = import_tensorflow()  # before keras, which imports it noisily on a machine without a GPU
     import keras
-    import tensorflow as tf
 
     from dualml.trainer import data_pipeline as dp
     from dualml.trainer.distribute import (

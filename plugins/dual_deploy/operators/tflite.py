@@ -82,7 +82,10 @@ class ConvertToTFLiteOperator(DictOutputOperator):
         self.gcp_conn_id = gcp_conn_id
 
     def execute(self, context) -> dict:
+        from dualml.quiet_tf import import_tensorflow
         from dualml.tflite import MODES, Thresholds, convert_file, validate_on_split
+
+        import_tensorflow()  # without the CUDA-probe errors a worker with no GPU prints
 
         t0 = time.monotonic()
         if self.exported_tflite_uri:
