@@ -3,11 +3,13 @@
 Fresh state: ``STATE_DIR`` and ``DUAL_DEPLOY_STATE_DIR`` point at a new temporary folder, so the
 GCS emulator's data, the Airflow SQLite database (``airflow db migrate`` included) and the endpoint
 registry start empty and a developer's ``.state/`` is left alone. The run uses the local platform's
-ports (GCS emulator 9023, endpoint 8501); when either is taken (a developer's ``make run`` leaves
-its endpoint up) it runs on free ports instead (``GCS_PORT`` and a copy of the config file with
-another ``endpoint_base_port``), never against someone else's servers. ``make stop`` (with the same state folder) always runs
-afterwards, then the folder is deleted. Reported: wall seconds, exit status, the run summary's
-status and each DAG step's duration.
+ports (GCS emulator 9023, local Vertex AI server 9010 and 9011); when one is taken (a developer's
+``make run`` leaves the local cloud up) it runs on free ports instead (``GCS_PORT``, ``VERTEX_PORT``),
+never against someone else's servers. ``make stop`` (with the same state folder) always runs
+afterwards, then the folder is deleted. Reported: wall seconds, exit status, each
+set-up step of scripts/run_local.sh (its ``==>`` lines, timed as they are printed), the run summary's
+status, accuracy and each DAG step's duration, and each trainer process's own phases
+(training_config.json).
 
 ``python bench/e2e.py [--free-ports] [--out FILE]``
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -26,24 +27,36 @@ from pathlib import Path
 
 import benchlib
 
-PORTS = (9023, 8501)  # GCS emulator, first endpoint port (scripts/local_env.sh, the config file)
-CONFIG = benchlib.ROOT / "dags" / "config" / "dual_deploy.yaml"
+PORTS = {"GCS_PORT": 9023, "VERTEX_PORT": 9010}  # scripts/local_env.sh; the Vertex AI server's REST is on +1
 TIMEOUT_S = 45 * 60
 
 
-def _other_ports(state: str) -> tuple[dict, dict] | None:
-    """Env and description for a run on free ports: GCS_PORT and a copy of the config file
-    with another ``endpoint_base_port`` (DUAL_DEPLOY_CONFIG). None if the config cannot be moved."""
-    text = CONFIG.read_text()
-    endpoint_port = benchlib.free_port()
-    moved, n = re.subn(r"(?m)^(\s*endpoint_base_port:\s*)\d+", rf"\g<1>{endpoint_port}", text)
-    if n != 1:
-        return None
-    config = Path(state) / "dual_deploy.yaml"
-    config.write_text(moved)
-    gcs_port = benchlib.free_port()
-    env = {"GCS_PORT": str(gcs_port), "DUAL_DEPLOY_CONFIG": str(config)}
-    return env, {"gcs_port": gcs_port, "endpoint_port": endpoint_port}
+def _ports_busy() -> list[int]:
+    return [p for p in (PORTS["GCS_PORT"], PORTS["VERTEX_PORT"], PORTS["VERTEX_PORT"] + 1) if benchlib.port_in_use(p)]
+
+
+def _free_ports() -> dict[str, str]:
+    """GCS_PORT and VERTEX_PORT (with VERTEX_PORT + 1 free too) that nothing listens on."""
+    gcs = benchlib.free_port()
+    while True:
+        vertex = benchlib.free_port()
+        if vertex != gcs and vertex + 1 != gcs and not benchlib.port_in_use(vertex + 1):
+            return {"GCS_PORT": str(gcs), "VERTEX_PORT": str(vertex)}
+
+
+def _trainer_phases(state: str) -> dict:
+    """Per target, the trainer's own phase timings (training_config.json the job wrote to its model
+    folder, read from the GCS emulator's files in the state folder)."""
+    out = {}
+    for path in sorted(Path(state, "gcs").rglob("training_config.json")):
+        target = path.parent.parent.name  # runs/<run>/<target>/model/training_config.json
+        try:
+            timings = json.loads(path.read_text()).get("timings") or {}
+        except (OSError, ValueError):
+            continue
+        out[target] = {"total_s": timings.get("total_seconds"),
+                       "phases_s": {k: v.get("wall_s") for k, v in (timings.get("phases") or {}).items()}}
+    return out
 
 
 def run(timeout_s: float = TIMEOUT_S, free_ports: bool = False) -> dict:
@@ -52,30 +65,41 @@ def run(timeout_s: float = TIMEOUT_S, free_ports: bool = False) -> dict:
     data_existed = (benchlib.ROOT / "data" / "flowers").is_dir()
     log_path = Path(state).with_name(Path(state).name + ".log")
     result: dict = {"state_dir": "fresh temporary folder", "sample_data_generated": not data_existed,
-                    "ports": {"gcs_port": PORTS[0], "endpoint_port": PORTS[1]}}
-    busy = [p for p in PORTS if benchlib.port_in_use(p)]
+                    "ports": dict(PORTS)}
+    busy = _ports_busy()
     if busy or free_ports:
-        # A developer's `make run` (its endpoint stays up) holds the standard ports: run beside it.
-        other = _other_ports(state)
-        if other is None:
-            shutil.rmtree(state, ignore_errors=True)
-            return {"skipped": f"port(s) {', '.join(map(str, busy))} in use and endpoint_base_port not found in {CONFIG}"}
-        env.update(other[0])
-        result["ports"] = other[1]
+        # A developer's `make run` / `make serve` holds the standard ports: run beside it.
+        ports = _free_ports()
+        env.update(ports)
+        result["ports"] = {k: int(v) for k, v in ports.items()}
         result["ports_note"] = (f"standard port(s) {', '.join(map(str, busy))} were in use; ran on free ports"
                                 if busy else "--free-ports")
     try:
         benchlib.log(f"e2e: bash scripts/run_local.sh (log {log_path})")
         t0 = time.perf_counter()
+        marks: list[tuple[str, float]] = []  # run_local.sh's "==> step" lines, timed as they come
+        rc = None
         with open(log_path, "wb") as logf:
+            proc = subprocess.Popen(["bash", "scripts/run_local.sh"], cwd=benchlib.ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             try:
-                proc = subprocess.run(["bash", "scripts/run_local.sh"], cwd=benchlib.ROOT, env=env,
-                                      stdout=logf, stderr=subprocess.STDOUT, timeout=timeout_s)
-                rc = proc.returncode
+                for line in proc.stdout:
+                    logf.write(line)
+                    if line.startswith(b"==> "):
+                        marks.append((line[4:].decode(errors="replace").split(" (")[0].strip(),
+                                      time.perf_counter() - t0))
+                    if time.perf_counter() - t0 > timeout_s:
+                        proc.kill()
+                        break
+                rc = proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                rc = None
+                proc.kill()
         wall = time.perf_counter() - t0
         result.update(wall_s=wall, exit_code=rc)
+        # Set-up steps: each "==>" step lasts until the next; the DAG run until the script ends.
+        bounds = [m[1] for m in marks[1:]] + [wall] if marks else []
+        result["script_steps_s"] = {name: round(end - start, 1) for (name, start), end in zip(marks, bounds, strict=True)}
+        result["before_first_step_s"] = round(marks[0][1], 1) if marks else None
         summary_path = Path(state) / "run_summary.json"
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
@@ -83,8 +107,11 @@ def run(timeout_s: float = TIMEOUT_S, free_ports: bool = False) -> dict:
             result["status"] = summary.get("status")
             result["steps_s"] = {k: v.get("duration_s") for k, v in steps.items() if isinstance(v, dict)}
             result["dag_steps_s"] = sum(v for v in result["steps_s"].values() if v)
+            result["accuracy"] = {t: (v.get("metrics") or {}).get("accuracy")
+                                  for t, v in (summary.get("targets") or {}).items() if isinstance(v, dict)}
         else:
             result["status"] = "no run summary"
+        result["trainer_phases"] = _trainer_phases(state)
         if rc != 0:
             result["error"] = "timed out" if rc is None else f"scripts/run_local.sh exited {rc}"
             result["log_tail"] = log_path.read_text(errors="replace")[-3000:]
@@ -99,7 +126,7 @@ def run(timeout_s: float = TIMEOUT_S, free_ports: bool = False) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--free-ports", action="store_true", help="run on free ports even if 9023/8501 are free")
+    p.add_argument("--free-ports", action="store_true", help="run on free ports even if 9023/9010/9011 are free")
     p.add_argument("--out")
     a = p.parse_args(argv)
     res = run(free_ports=a.free_ports)

@@ -56,7 +56,11 @@ FAKE = {
             "ratio_vs_http_server": {"gcs_emulator_command_s": 10.0, "gcs_emulator_server_s": 2.0,
                                      "localcloud_command_s": 30.0, "localcloud_server_s": 26.7},
         },
-        "e2e": {"wall_s": 400.0, "status": "success", "dag_steps_s": 300.0, "carried_over_from": "2026-11-20T08:00:00"},
+        "e2e": {"wall_s": 400.0, "status": "success", "dag_steps_s": 300.0, "carried_over_from": "2026-11-20T08:00:00",
+                "accuracy": {"cloud": 0.9, "mobile": 0.8},
+                "script_steps_s": {"GCS emulator on http://127.0.0.1:9023": 1.2, "running DAG dual_deployment": 350.0},
+                "steps_s": {"cloud.train": 120.0, "mobile.train": 90.0, "validate_dataset": 2.0, "cloud.smoke": None},
+                "trainer_phases": {"cloud": {"total_s": 100.0, "phases_s": {"data": 1.0, "train": 80.0}}}},
         "training_throughput": {"models": [
             {"architecture": "densenet121", "image_size": 64, "batch_size": 16, "pipeline_img_s": 40.0,
              "in_memory_img_s": 50.0, "ratio_pipeline_vs_in_memory": 0.8},
@@ -141,7 +145,12 @@ def test_render_table_rows():
             "process alone 0.6 s); load 3.0-4.0 | `python -m http.server` 0.30 s; `python -c pass` 0.10 s | "
             "10.00x (server alone 2.00x) |") in md
     assert "local Vertex AI server start-up (`local_platform localcloud-start`, median of 3) | 9.0 s" in md
-    assert "400 s wall (success)" in md
+    assert "| local end-to-end (`make run`, fresh state) | 400 s wall (success; target <= 180 s: MISSED); test accuracy " \
+           "cloud 90.0 %, mobile 80.0 % | sum of DAG task durations 300 s |" in md
+    assert "| `make run` steps (scripts/run_local.sh) | GCS emulator on http://127.0.0.1:9023 1 s; " \
+           "running DAG dual_deployment 350 s |" in md
+    assert "| `make run` DAG tasks (slowest first) | cloud.train 120 s; mobile.train 90 s; validate_dataset 2 s |" in md
+    assert "| `make run` cloud trainer process (its own phases, s) | 100 s: data 1.0; train 80.0 |" in md
     assert "`e2e`: not re-run; figures from the run of 2026-11-20." in md
     assert "| training densenet121 64 px, batch 16 | input pipeline 40.0 img/s | in-memory tensors 50.0 img/s | 0.80x |" in md
     assert "TFLite `float32`" in md and "TFLite `int8` | error: ValueError: no" in md
