@@ -406,6 +406,25 @@ def test_keep_alive_connection_survives_errors(server):
         conn.close()
 
 
+def test_too_large_body_is_answered_after_it_arrives_even_with_connection_close(server):
+    """A client that sends its whole oversized body before reading (urllib, with "Connection:
+    close") reads its 413: the server does not answer and close while the body is still coming,
+    which the client would see as a broken pipe. The body comes slowly here, in 64 KiB pieces."""
+    body = b"A" * (1536 * 1024 + 512 * 1024)
+    head = (f"POST {server.predict_url.removeprefix(server.url)} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)  # the server has the headers (and could answer) long before the body is in
+        for i in range(0, len(body), 64 * 1024):
+            sock.sendall(body[i:i + 64 * 1024])  # BrokenPipeError / ConnectionResetError if it closed early
+            time.sleep(0.01)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 413
+        assert "too large" in json.loads(resp.read())["error"]
+
+
 def _raw(server, data: bytes, timeout: float = 30) -> tuple[int, dict, dict]:
     """Send raw bytes; the answer must come within ``timeout`` (the old server held some for 35 s)."""
     with socket.create_connection((server.host, server.port), timeout=timeout) as sock:

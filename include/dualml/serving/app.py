@@ -17,8 +17,8 @@ request format in ``dualml.serving.protocol``:
   Predictions before that get a 503 with Retry-After. A model that cannot load ends the process.
 - **limits**: at most ``max_concurrent_requests`` predict requests admitted at once (reading,
   parsing, queued or predicting); one more gets 503 + Retry-After at once (never an unbounded
-  queue). Bodies: Content-Length or chunked; more than ``max_body_bytes`` is a 413 without reading
-  further; no length at all is a 411; a body slower than ``body_timeout_s`` is a 408.
+  queue). Bodies: Content-Length or chunked; more than ``max_body_bytes`` is a 413 (a declared body
+  up to ``DISCARD_LIMIT`` past it is read and dropped first, so the client gets to read it); no length at all is a 411; a body slower than ``body_timeout_s`` is a 408.
 - **batching**: parsed requests go to ``DynamicBatcher`` (one model call for concurrent requests).
 - **logs**: one structured line per request (``httpRequest``, instances, batch size, latency).
 """
@@ -63,8 +63,8 @@ DEFAULT_BATCH_THREADS = 2
 DEFAULT_MODEL_NICE = 5
 DEFAULT_MAX_CONCURRENT_REQUESTS = 64
 DEFAULT_BODY_TIMEOUT_S = 60.0
-# A declared body up to this size past the limit is discarded by uvicorn as it arrives, so a
-# keep-alive client reads its 413; beyond it the connection is closed instead of reading more.
+# A declared body up to this size past the limit is read and dropped before the 413 is sent, so the
+# client reads its 413 (keep-alive or not); beyond it the connection is closed instead of reading more.
 DISCARD_LIMIT = 16 * 1024 * 1024
 LOG_ERROR_CHARS = 300  # error messages in logs are cut: a client may echo anything in a key
 
@@ -326,6 +326,16 @@ def create_app(
     return RequestLogMiddleware(app, health_route)
 
 
+async def _discard_body(request: Request, timeout_s: float) -> None:
+    """Read the rest of the body and drop it (up to ``timeout_s``; then the connection closes)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for _ in request.stream():
+                pass
+    except TimeoutError:
+        pass
+
+
 async def _read_body(request: Request, options: ServingOptions) -> bytes:
     """The body, Content-Length or chunked, never more than ``max_body_bytes`` of it read."""
     limit = options.max_body_bytes
@@ -338,12 +348,17 @@ async def _read_body(request: Request, options: ServingOptions) -> bytes:
         except ValueError:
             raise RequestError(400, f"invalid Content-Length header {declared!r}", close=True) from None
         if length > limit:
-            raise RequestError(
+            too_large = RequestError(
                 413,
                 f"request body too large: {length} bytes, the limit is {limit} bytes; "
                 "send fewer or smaller images per request",
                 close=length > limit + DISCARD_LIMIT,
             )
+            if not too_large.close:
+                # Answer once the body is in: a client still sending when the answer comes (and the
+                # connection closes, for a "Connection: close" request) sees a broken pipe, not its 413.
+                await _discard_body(request, options.body_timeout_s)
+            raise too_large
     elif "chunked" not in headers.get("transfer-encoding", "").lower():
         raise RequestError(
             411,
