@@ -408,8 +408,9 @@ def test_keep_alive_connection_survives_errors(server):
 
 def test_too_large_body_is_answered_after_it_arrives_even_with_connection_close(server):
     """A client that sends its whole oversized body before reading (urllib, with "Connection:
-    close") reads its 413: the server does not answer and close while the body is still coming,
-    which the client would see as a broken pipe. The body comes slowly here, in 64 KiB pieces."""
+    close") reads its 413: the server answers at once but does not close the connection while the
+    body is still coming, which the client would see as a broken pipe. The body comes slowly here,
+    in 64 KiB pieces."""
     body = b"A" * (1536 * 1024 + 512 * 1024)
     head = (f"POST {server.predict_url.removeprefix(server.url)} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()

@@ -17,8 +17,9 @@ request format in ``dualml.serving.protocol``:
   Predictions before that get a 503 with Retry-After. A model that cannot load ends the process.
 - **limits**: at most ``max_concurrent_requests`` predict requests admitted at once (reading,
   parsing, queued or predicting); one more gets 503 + Retry-After at once (never an unbounded
-  queue). Bodies: Content-Length or chunked; more than ``max_body_bytes`` is a 413 (a declared body
-  up to ``DISCARD_LIMIT`` past it is read and dropped first, so the client gets to read it); no length at all is a 411; a body slower than ``body_timeout_s`` is a 408.
+  queue). Bodies: Content-Length or chunked; more than ``max_body_bytes`` is a 413 at once (the
+  rest of a declared body up to ``DISCARD_LIMIT`` past it is then read and dropped, so a client
+  still sending gets to read it); no length at all is a 411; a body slower than ``body_timeout_s`` is a 408.
 - **batching**: parsed requests go to ``DynamicBatcher`` (one model call for concurrent requests).
 - **logs**: one structured line per request (``httpRequest``, instances, batch size, latency).
 """
@@ -63,8 +64,8 @@ DEFAULT_BATCH_THREADS = 2
 DEFAULT_MODEL_NICE = 5
 DEFAULT_MAX_CONCURRENT_REQUESTS = 64
 DEFAULT_BODY_TIMEOUT_S = 60.0
-# A declared body up to this size past the limit is read and dropped before the 413 is sent, so the
-# client reads its 413 (keep-alive or not); beyond it the connection is closed instead of reading more.
+# A declared body up to this size past the limit is read and dropped after the 413 is sent (the
+# client reads its 413, keep-alive or not); beyond it the connection is closed instead of reading more.
 DISCARD_LIMIT = 16 * 1024 * 1024
 LOG_ERROR_CHARS = 300  # error messages in logs are cut: a client may echo anything in a key
 
@@ -138,6 +139,30 @@ def _be_nicer(increment: int) -> None:
 
 def _json_response(status: int, payload: dict, headers: dict[str, str] | None = None) -> Response:
     return Response(json.dumps(payload).encode("utf-8"), status, headers, media_type="application/json")
+
+
+class LingeringResponse(Response):
+    """A whole answer sent at once, then the request held open while the rest of its body arrives
+    and is dropped (up to ``timeout_s``), nginx's "lingering close": a client that sends its whole
+    body before reading (urllib, with "Connection: close", after which uvicorn closes the socket as
+    soon as the response ends) reads this answer instead of a broken pipe."""
+
+    def __init__(self, status: int, payload: dict, timeout_s: float):
+        super().__init__(json.dumps(payload).encode("utf-8"), status, media_type="application/json")
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _note(request: Request, **fields) -> None:
@@ -278,6 +303,8 @@ def create_app(
                 raise
         except RequestError as e:
             _note(request, error=e.message)
+            if e.linger:
+                return LingeringResponse(e.status, error_json(e.message), options.body_timeout_s)
             return _json_response(e.status, error_json(e.message), {"Connection": "close"} if e.close else None)
         except BatcherStopped:
             _note(request, error="shutting down")
@@ -326,16 +353,6 @@ def create_app(
     return RequestLogMiddleware(app, health_route)
 
 
-async def _discard_body(request: Request, timeout_s: float) -> None:
-    """Read the rest of the body and drop it (up to ``timeout_s``; then the connection closes)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for _ in request.stream():
-                pass
-    except TimeoutError:
-        pass
-
-
 async def _read_body(request: Request, options: ServingOptions) -> bytes:
     """The body, Content-Length or chunked, never more than ``max_body_bytes`` of it read."""
     limit = options.max_body_bytes
@@ -348,17 +365,14 @@ async def _read_body(request: Request, options: ServingOptions) -> bytes:
         except ValueError:
             raise RequestError(400, f"invalid Content-Length header {declared!r}", close=True) from None
         if length > limit:
-            too_large = RequestError(
+            close = length > limit + DISCARD_LIMIT
+            raise RequestError(
                 413,
                 f"request body too large: {length} bytes, the limit is {limit} bytes; "
                 "send fewer or smaller images per request",
-                close=length > limit + DISCARD_LIMIT,
+                close=close,
+                linger=not close,
             )
-            if not too_large.close:
-                # Answer once the body is in: a client still sending when the answer comes (and the
-                # connection closes, for a "Connection: close" request) sees a broken pipe, not its 413.
-                await _discard_body(request, options.body_timeout_s)
-            raise too_large
     elif "chunked" not in headers.get("transfer-encoding", "").lower():
         raise RequestError(
             411,

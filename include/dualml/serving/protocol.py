@@ -29,13 +29,15 @@ EXPECTED_FORMAT = '{"instances": [{"b64": "<base64-encoded JPEG or PNG>"}, ...]}
 
 class RequestError(Exception):
     """A client error: ``status`` is the HTTP status, ``message`` says what to fix; ``close``: the
-    connection cannot be reused (part of the request was left unread)."""
+    connection cannot be reused (part of the request was left unread); ``linger``: answer at once,
+    then read and drop the rest of the body before the request ends."""
 
-    def __init__(self, status: int, message: str, close: bool = False):
+    def __init__(self, status: int, message: str, close: bool = False, linger: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
+        self.linger = linger
 
 
 def _decode_b64(value: object, where: str) -> bytes:
