@@ -149,8 +149,8 @@ def test_endpoint_and_mobile_steps_are_wired_from_config(dag):
     assert register.version_aliases == ["{{ run_id | run_alias }}"]
     deploy = dag.get_task("cloud.deploy")
     assert (deploy.endpoint_display_name, deploy.machine_type, deploy.min_replica_count, deploy.max_replica_count,
-            deploy.canary_traffic_percent, deploy.smoke_instances, deploy.image_size) == (
-        "flowers-cloud-endpoint", "n1-standard-4", 1, 2, 10, 2, 224)
+            deploy.canary_traffic_percent, deploy.smoke_instances, deploy.image_size, deploy.operation_poll_max_s) == (
+        "flowers-cloud-endpoint", "n1-standard-4", 1, 2, 10, 2, 224, 60)
     assert dag.get_task("mobile.convert_tflite").output_dir == f"{RUN_URI}/mobile/tflite"
     publish = dag.get_task("mobile.publish")
     assert (publish.backend, publish.firebase_conn_id, publish.firebase_project, publish.firebase_storage_bucket) == (

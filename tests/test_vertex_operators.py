@@ -398,3 +398,46 @@ def test_worker_killed_during_the_smoke_test_leaves_no_canary_after_the_retry(lo
     assert len(out["leftovers_removed"]) == 1
     assert serving(localcloud, endpoint) == {"2": 100}
     assert len(endpoint_state(localcloud, endpoint)["deployed_models"]) == 1
+
+
+def _operation_done_after(polls: int):
+    """A real api_core Operation whose GetOperation answers 'running' ``polls`` times, then 'done'."""
+    from google.api_core import operation as api_operation
+    from google.cloud.aiplatform_v1.types import DeployedModel, DeployModelResponse
+    from google.longrunning import operations_pb2
+    from google.protobuf import any_pb2
+
+    response = any_pb2.Any()
+    response.Pack(DeployModelResponse.pb(DeployModelResponse(deployed_model=DeployedModel(id="7"))))
+    calls = []
+
+    def refresh(retry=None, **_):
+        calls.append(1)
+        return operations_pb2.Operation(name="op", done=len(calls) > polls,
+                                        response=response if len(calls) > polls else None)
+
+    op = api_operation.Operation(operations_pb2.Operation(name="op"), refresh, lambda: None,
+                                 result_type=DeployModelResponse)
+    return op, calls
+
+
+@pytest.mark.parametrize(("cap", "slowest"), [(2, 2.0), (None, 20.0)])
+def test_endpoint_operations_are_polled_at_most_every_poll_interval(monkeypatch, cap, slowest):
+    """The deploy's waits back off from 1 s to ``operation_poll_max_s`` (the config's poll interval), not
+    to api_core's 20 s: a local deployment is seen within 2 s of finishing. api_core's default (None)
+    is the anchor. Its jitter is pinned to the top of each interval so the gaps are exact."""
+    import google.api_core.retry.retry_base as retry_base
+    import google.api_core.retry.retry_unary as retry_unary
+    from airflow.providers.google.cloud.hooks.vertex_ai.endpoint_service import EndpointServiceHook
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(retry_unary.time, "sleep", sleeps.append)
+    monkeypatch.setattr(retry_base.random, "uniform", lambda low, high: high)
+    op, calls = _operation_done_after(12)
+    deploy = CanaryDeployModelOperator(task_id="deploy", project_id=PROJECT, region=REGION, endpoint_display_name="ep",
+                                       model_display_name="m", model={}, split_uri="gs://x/split.json",
+                                       **({} if cap is None else {"operation_poll_max_s": cap}))
+    result = deploy._wait(EndpointServiceHook(), op)
+    assert result.deployed_model.id == "7"
+    assert len(calls) == 13 and len(sleeps) == 12
+    assert sleeps[0] == 1.0 and max(sleeps) == slowest

@@ -241,7 +241,9 @@ class GcpConfig(_Strict):
     firebase_storage_bucket: str | None = None
     gcp_conn_id: str = "google_cloud_default"
     firebase_conn_id: str = "firebase_default"
-    poll_interval_s: int = Field(60, ge=1)  # how often the triggerer polls a training job's state
+    # How often the triggerer polls a training job's state; also the longest gap between two polls of an
+    # endpoint operation (deploy, traffic, undeploy), which back off from 1 s up to it.
+    poll_interval_s: int = Field(60, ge=1)
 
 
 class TriggersConfig(_Strict):
