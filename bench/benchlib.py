@@ -520,6 +520,10 @@ def _e2e_breakdown_rows(e2e: dict) -> list[tuple[str, str, str, str]]:
     if steps:
         rows.append(("`make run` steps (scripts/run_local.sh)",
                      "; ".join(f"{k} {v:.0f} s" for k, v in steps.items()), "", ""))
+    if e2e.get("branches_s"):
+        rows.append(("`make run` DAG run (target branches side by side)",
+                     f"{_f(e2e.get('dag_run_s'), '{:.0f} s')} wall; "
+                     + "; ".join(f"{k} branch {v:.0f} s" for k, v in e2e["branches_s"].items()), "", ""))
     tasks = sorted(((k, v) for k, v in (e2e.get("steps_s") or {}).items() if v), key=lambda kv: -kv[1])
     if tasks:
         rows.append(("`make run` DAG tasks (slowest first)",

@@ -8,7 +8,8 @@ ports (GCS emulator 9023, local Vertex AI server 9010 and 9011); when one is tak
 never against someone else's servers. ``make stop`` (with the same state folder) always runs
 afterwards, then the folder is deleted. Reported: wall seconds, exit status, each
 set-up step of scripts/run_local.sh (its ``==>`` lines, timed as they are printed), the run summary's
-status, accuracy and each DAG step's duration, and each trainer process's own phases
+status, accuracy and each DAG step's duration, the DAG run's wall time and each target branch's span
+(from the run's Airflow DB: the branches run side by side), and each trainer process's own phases
 (training_config.json).
 
 ``python bench/e2e.py [--free-ports] [--out FILE]``
@@ -57,6 +58,35 @@ def _trainer_phases(state: str) -> dict:
         out[target] = {"total_s": timings.get("total_seconds"),
                        "phases_s": {k: v.get("wall_s") for k, v in (timings.get("phases") or {}).items()}}
     return out
+
+
+def _branch_spans(state: str) -> dict:
+    """The DAG run's wall time and each target branch's span (its first task's start to its last task's
+    end) from the run's Airflow DB: the branches run side by side, so their task durations overlap."""
+    import sqlite3
+    from datetime import datetime
+
+    db_path = Path(state, "airflow", "airflow.db")
+    if not db_path.is_file():
+        return {}
+    db = sqlite3.connect(db_path)
+    try:
+        run = db.execute("SELECT start_date, end_date FROM dag_run WHERE dag_id = 'dual_deployment' "
+                         "ORDER BY start_date DESC LIMIT 1").fetchone()
+        tasks = db.execute("SELECT task_id, start_date, end_date FROM task_instance WHERE dag_id = 'dual_deployment' "
+                           "AND start_date IS NOT NULL AND end_date IS NOT NULL").fetchall()
+    finally:
+        db.close()
+    if not run or not run[1]:
+        return {}
+    ts = datetime.fromisoformat
+    branches: dict[str, list] = {}
+    for task_id, start, end in tasks:
+        if "." in task_id:
+            b = branches.setdefault(task_id.split(".", 1)[0], [ts(start), ts(end)])
+            b[0], b[1] = min(b[0], ts(start)), max(b[1], ts(end))
+    return {"dag_run_s": round((ts(run[1]) - ts(run[0])).total_seconds(), 1),
+            "branches_s": {k: round((e - s).total_seconds(), 1) for k, (s, e) in sorted(branches.items())}}
 
 
 def run(timeout_s: float = TIMEOUT_S, free_ports: bool = False) -> dict:
@@ -112,6 +142,7 @@ def run(timeout_s: float = TIMEOUT_S, free_ports: bool = False) -> dict:
         else:
             result["status"] = "no run summary"
         result["trainer_phases"] = _trainer_phases(state)
+        result.update(_branch_spans(state))
         if rc != 0:
             result["error"] = "timed out" if rc is None else f"scripts/run_local.sh exited {rc}"
             result["log_tail"] = log_path.read_text(errors="replace")[-3000:]

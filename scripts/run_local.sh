@@ -27,6 +27,11 @@ NAME="$(dataset_name "$DATA")"
 BUCKET=$(python -c 'from dual_deploy.config import load_config; print(load_config().local.bucket)')
 DATA_URI="gs://$BUCKET/datasets/$NAME"
 
+# The Airflow DB is migrated while the local cloud starts and the dataset uploads (independent).
+mkdir -p "$AIRFLOW_HOME"
+airflow db migrate > "$STATE_DIR/logs/db-migrate.log" 2>&1 &
+MIGRATE_PID=$!
+
 echo "==> GCS emulator on $STORAGE_EMULATOR_HOST"
 python -m dual_deploy.local_platform emulator-start --port "$GCS_PORT" --state-dir "$STATE_DIR"
 echo "==> local Vertex AI server on $VERTEX_AI_EMULATOR_HOST (REST on $FIREBASE_REMOTE_CONFIG_EMULATOR_HOST)"
@@ -36,7 +41,7 @@ echo "==> uploading $DATA to $DATA_URI"
 python -m dual_deploy.local_platform upload-dataset "$DATA" "$DATA_URI"
 
 echo "==> airflow db migrate (AIRFLOW_HOME=$AIRFLOW_HOME)"
-airflow db migrate > "$STATE_DIR/logs/db-migrate.log" 2>&1 || { tail -30 "$STATE_DIR/logs/db-migrate.log"; exit 1; }
+wait "$MIGRATE_PID" || { tail -30 "$STATE_DIR/logs/db-migrate.log"; exit 1; }
 
 echo "==> running DAG dual_deployment (log: $STATE_DIR/logs/dags-test.log)"
 rm -f "$STATE_DIR/run_summary.json"
@@ -45,7 +50,8 @@ python -m dual_deploy.progress db "$AIRFLOW_HOME/airflow.db" --dag dual_deployme
 PROGRESS_PID=$!
 set +e
 # Its own session, so `make stop` can end the run and everything it started (pid file below).
-setsid bash -c 'airflow dags test dual_deployment --conf "$1" 2>&1 | tee "$2" \
+# scripts/dags_test.sh: LocalExecutor + Execution API + triggerer, so independent tasks run at once.
+setsid bash -c 'bash scripts/dags_test.sh dual_deployment "$1" 2>&1 | tee "$2" \
   | grep --line-buffered -E "Custom job was created|Status of the custom job|milli node hours|View Training|exported .* as |deferr|test accuracy|TFLite|smoke|traffic|endpoint|published|Remote Config|ERROR|Error:"' \
   _ "{\"data_uri\": \"$DATA_URI\"}" "$STATE_DIR/logs/dags-test.log" &
 RUN_PID=$!

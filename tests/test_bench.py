@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import benchlib  # noqa: E402
+import e2e  # noqa: E402
 import parse_time  # noqa: E402
 import task_startup  # noqa: E402
 
@@ -60,7 +61,8 @@ FAKE = {
                 "accuracy": {"cloud": 0.9, "mobile": 0.8},
                 "script_steps_s": {"GCS emulator on http://127.0.0.1:9023": 1.2, "running DAG dual_deployment": 350.0},
                 "steps_s": {"cloud.train": 120.0, "mobile.train": 90.0, "validate_dataset": 2.0, "cloud.smoke": None},
-                "trainer_phases": {"cloud": {"total_s": 100.0, "phases_s": {"data": 1.0, "train": 80.0}}}},
+                "trainer_phases": {"cloud": {"total_s": 100.0, "phases_s": {"data": 1.0, "train": 80.0}}},
+                "dag_run_s": 340.0, "branches_s": {"cloud": 300.0, "mobile": 150.0}},
         "training_throughput": {"models": [
             {"architecture": "densenet121", "image_size": 64, "batch_size": 16, "pipeline_img_s": 40.0,
              "in_memory_img_s": 50.0, "ratio_pipeline_vs_in_memory": 0.8},
@@ -149,6 +151,8 @@ def test_render_table_rows():
            "cloud 90.0 %, mobile 80.0 % | sum of DAG task durations 300 s |" in md
     assert "| `make run` steps (scripts/run_local.sh) | GCS emulator on http://127.0.0.1:9023 1 s; " \
            "running DAG dual_deployment 350 s |" in md
+    assert "| `make run` DAG run (target branches side by side) | 340 s wall; cloud branch 300 s; mobile branch " \
+           "150 s |" in md
     assert "| `make run` DAG tasks (slowest first) | cloud.train 120 s; mobile.train 90 s; validate_dataset 2 s |" in md
     assert "| `make run` cloud trainer process (its own phases, s) | 100 s: data 1.0; train 80.0 |" in md
     assert "`e2e`: not re-run; figures from the run of 2026-11-20." in md
@@ -282,3 +286,27 @@ def test_render_table_shows_benchmark_errors():
         "service_startup": {"error": "localcloud did not answer"}}})
     assert "| DAG parse time | error: parse_time failed (1): boom |" in md
     assert "| task start-up | error: worker exited 1 |" in md and "| service start-up | error: localcloud did not answer |" in md
+
+
+def test_e2e_branch_spans_from_the_runs_airflow_db(tmp_path):
+    """Each target branch spans its first task's start to its last task's end; tasks outside a group
+    (validate_dataset) belong to none; the DAG run's wall time is its own start to end."""
+    import sqlite3
+
+    (tmp_path / "airflow").mkdir()
+    db = sqlite3.connect(tmp_path / "airflow" / "airflow.db")
+    db.execute("CREATE TABLE dag_run (dag_id, start_date, end_date)")
+    db.execute("CREATE TABLE task_instance (dag_id, task_id, start_date, end_date)")
+    db.execute("INSERT INTO dag_run VALUES ('dual_deployment', '2026-11-23 10:00:00.000000', '2026-11-23 10:02:30.500000')")
+    db.executemany("INSERT INTO task_instance VALUES ('dual_deployment', ?, ?, ?)", [
+        ("validate_dataset", "2026-11-23 10:00:01", "2026-11-23 10:00:03"),
+        ("cloud.train", "2026-11-23 10:00:05", "2026-11-23 10:02:00"),
+        ("cloud.deploy", "2026-11-23 10:02:05", "2026-11-23 10:02:25"),
+        ("mobile.train", "2026-11-23 10:00:05", "2026-11-23 10:00:50"),
+        ("mobile.publish", "2026-11-23 10:01:10", "2026-11-23 10:01:15"),
+        ("mobile.convert_tflite", None, None),
+    ])
+    db.commit()
+    db.close()
+    assert e2e._branch_spans(str(tmp_path)) == {"dag_run_s": 150.5, "branches_s": {"cloud": 140.0, "mobile": 70.0}}
+    assert e2e._branch_spans(str(tmp_path / "nothing")) == {}

@@ -1,13 +1,15 @@
 """End-to-end runs of the dual_deployment DAG on the local platform (slow: trains tiny real models).
 
-``airflow dags test`` (dag.test()) runs the whole DAG in a subprocess with the environment of
-scripts/local_env.sh, against the session's GCS emulator and local Vertex AI server, a throw-away
+scripts/dags_test.sh (what ``make run`` runs: ``airflow dags test --use-executor`` with LocalExecutor
+workers, an Execution API server and a triggerer) runs the whole DAG in a subprocess with the environment
+of scripts/local_env.sh, against the session's GCS emulator and local Vertex AI server, a throw-away
 AIRFLOW_HOME (SQLite, migrated first) and a temporary state dir, with a config that shrinks every
 target to seconds of training. The production operators throughout: the provider's CustomJob
 operator deferring on its trigger (the trainer runs as the server's custom job), the Model
 Registry, a canary deployment of the real serving app behind the endpoint, Firebase Storage
 publishing with a Remote Config pointer, the LiteRT interpreter for TFLite validation.
 
+- the two targets' branches run side by side, their training jobs' waits deferred to the triggerer;
 - two successful runs: the second registers model version 2 and deploys it as a canary on the same
   endpoint, then promotes it; a client predicting through both runs sees no failed request;
 - a run on unusable data fails at validate_dataset and leaves no trace in the registry,
@@ -26,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -142,10 +145,12 @@ def _upload_dataset(tmp: Path, bucket: str, classes: tuple[str, ...], per_class:
 
 
 def _dags_test(env: dict[str, str], config: Path, data_uri: str, log: Path, timeout_s: float = 900) -> int:
-    """``airflow dags test dual_deployment`` with the run's conf; returns its exit code."""
-    cmd = [str(VENV_BIN / "airflow"), "dags", "test", "dual_deployment", "--conf", json.dumps({"data_uri": data_uri})]
+    """scripts/dags_test.sh dual_deployment with the run's conf (as make run runs it); its exit code.
+    The Execution API server's and the triggerer's logs go beside ``log``."""
+    cmd = ["bash", str(ROOT / "scripts" / "dags_test.sh"), "dual_deployment", json.dumps({"data_uri": data_uri})]
     with open(log, "wb") as out:
-        proc = subprocess.run(cmd, env={**env, "DUAL_DEPLOY_CONFIG": str(config)}, cwd=config.parent,
+        proc = subprocess.run(cmd, env={**env, "DUAL_DEPLOY_CONFIG": str(config), "DAGS_TEST_LOG_DIR": str(log.parent)},
+                              cwd=config.parent,
                               stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
     return proc.returncode
 
@@ -325,6 +330,38 @@ def test_first_run_trains_deploys_and_publishes(first_run, deployment):
     # The Remote Config pointer apps read, through the same REST code as on Firebase.
     assert pub["remote_config"]["changed"] is True
     assert json.loads(pub["remote_config"]["value"])["version"] == 1
+
+
+def _task_spans(airflow_env, run_id: str) -> dict[str, tuple[float, float]]:
+    """task_id -> (start, end) in epoch seconds, from the run's Airflow DB."""
+    import sqlite3
+
+    def ts(value: str) -> float:
+        return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+
+    db = sqlite3.connect(Path(airflow_env["AIRFLOW_HOME"]) / "airflow.db")
+    try:
+        rows = db.execute("SELECT task_id, start_date, end_date FROM task_instance WHERE run_id = ?",
+                          (run_id,)).fetchall()
+    finally:
+        db.close()
+    return {t: (ts(s), ts(e)) for t, s, e in rows if s and e}
+
+
+def test_the_targets_train_side_by_side_and_their_waits_run_in_the_triggerer(first_run, airflow_env):
+    """The point of scripts/dags_test.sh: both training jobs are submitted before either finishes (their
+    tasks overlap), and each wait is the provider's trigger run by the triggerer process, not inline."""
+    spans = _task_spans(airflow_env, first_run["summary"]["run_id"])
+    (c0, c1), (m0, m1) = spans["cloud.train"], spans["mobile.train"]
+    assert max(c0, m0) < min(c1, m1), spans
+    logs = Path(airflow_env["AIRFLOW_HOME"]) / "logs" / "dag_id=dual_deployment"
+    for target in ("cloud", "mobile"):
+        job = first_run["summary"]["targets"][target]["training"]["custom_job_name"]
+        # The triggerer writes each trigger's log beside its task's: attempt=N.log.trigger.<triggerer job>.log
+        trigger_logs = list(logs.glob(f"run_id=*/task_id={target}.train/attempt=1.log.trigger.*.log"))
+        assert trigger_logs, f"no triggerer log for {target}.train under {logs}"
+        assert f"Status of the custom job {job} is JOB_STATE_SUCCEEDED" in trigger_logs[0].read_text(errors="replace")
+    assert "running trigger in line" not in first_run["log"].read_text(errors="replace")
 
 
 def _links(airflow_env, run_id: str) -> dict[tuple[str, str], str]:

@@ -1,6 +1,6 @@
-"""`make run` progress: ``python -m dual_deploy.progress db`` follows a real ``airflow dags test``.
+"""`make run` progress: ``python -m dual_deploy.progress db`` follows a real run of scripts/dags_test.sh.
 
-A three-task DAG (one task skipped by a short-circuit) runs under ``airflow dags test`` on a
+A three-task DAG (one task skipped by a short-circuit) runs under scripts/dags_test.sh on a
 throw-away AIRFLOW_HOME (SQLite, migrated first) while the follower watches that database, exactly as
 scripts/run_local.sh does it. It must print one line per finished task (state and duration) and the
 run's outcome with the elapsed time. The API source is exercised by tests/test_ui_browser.py.
@@ -84,7 +84,8 @@ def test_db_follower_reports_a_real_dags_test_run(tmp_path):
                                  str(home / "airflow.db"), "--dag", "progress_probe"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        run = subprocess.run([airflow, "dags", "test", "progress_probe"], env=env, capture_output=True, text=True,
+        run = subprocess.run(["bash", str(ROOT / "scripts" / "dags_test.sh"), "progress_probe"],
+                             env={**env, "DAGS_TEST_LOG_DIR": str(tmp_path / "logs")}, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         out, err = follower.communicate(timeout=30)  # it exits by itself once the run is done
