@@ -182,6 +182,7 @@ def endpoint_delivery(target: TargetConfig, cfg: Config, split_uri: str, model_d
         image_size=None if target.is_automl else target.training.image_size,
         automatic_resources=target.is_automl,
         instance_format="automl_image" if target.is_automl else "b64",
+        operation_poll_max_s=cfg.gcp.poll_interval_s,
         **_where(cfg),
     )
     return [register_model, deploy]
