@@ -14,6 +14,8 @@ CONF="${2:-}"
 [ -n "$CONF" ] || CONF="{}"
 LOG_DIR="${DAGS_TEST_LOG_DIR:-${STATE_DIR:?set STATE_DIR or DAGS_TEST_LOG_DIR}/logs}"
 mkdir -p "$LOG_DIR"
+DIED="$LOG_DIR/.dags-test-$$-part-died"  # the watchdog's verdict (a subshell cannot set our variables)
+rm -f "$DIED"
 
 # A fresh port and JWT secret per run: two runs (make run and a test) never talk to each other's API.
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -39,6 +41,7 @@ while time.monotonic() < deadline:
     except OSError:
         time.sleep(0.3)
 PY
+WARM_PID=$!
 airflow triggerer --skip-serve-logs > "$LOG_DIR/triggerer.log" 2>&1 &
 TRIGGERER_PID=$!
 
@@ -53,7 +56,7 @@ RUN_PID=$!
       if ! kill -0 "$pid" 2>/dev/null; then
         echo "ERROR: the $what (pid $pid) exited during the run; its log ($LOG_DIR/$log.log) ends:" >&2
         tail -20 "$LOG_DIR/$log.log" >&2
-        touch "$LOG_DIR/.dags-test-part-died"
+        touch "$DIED"
         kill -TERM "$RUN_PID" 2>/dev/null
         exit 0
       fi
@@ -64,18 +67,17 @@ RUN_PID=$!
 WATCH_PID=$!
 
 stop_parts() {
-  kill -TERM "$RUN_PID" "$WATCH_PID" 2>/dev/null || true
+  kill -TERM "$RUN_PID" "$WATCH_PID" "$WARM_PID" 2>/dev/null || true
   kill -TERM "$API_PID" "$TRIGGERER_PID" 2>/dev/null || true
   wait "$API_PID" "$TRIGGERER_PID" 2>/dev/null || true
 }
 trap stop_parts EXIT
-rm -f "$LOG_DIR/.dags-test-part-died"
 set +e
 wait "$RUN_PID"
 RC=$?
 set -e
-if [ -f "$LOG_DIR/.dags-test-part-died" ]; then
-  rm -f "$LOG_DIR/.dags-test-part-died"
+if [ -f "$DIED" ]; then
+  rm -f "$DIED"
   RC=3
 fi
 exit "$RC"

@@ -353,7 +353,8 @@ class CanaryDeployModelOperator(DictOutputOperator):
                  max_replica_count: int = 1, canary_traffic_percent: int = 10, smoke_instances: int = 2,
                  image_size: int | None = None, smoke_miss_probability: float = 1e-4, max_smoke_requests: int = 200,
                  smoke_timeout_s: float = 60, smoke_transient_retries: int = 3, operation_timeout_s: int = 3600,
-                 operation_poll_max_s: float = 20, gcp_conn_id: str = "google_cloud_default", impersonation_chain: str | Sequence[str] | None = None,
+                 operation_poll_max_s: float = 20, gcp_conn_id: str = "google_cloud_default",
+                 impersonation_chain: str | Sequence[str] | None = None,
                  automatic_resources: bool = False, instance_format: str = "b64", **kwargs):
         super().__init__(**kwargs)
         if not 1 <= canary_traffic_percent <= 100:
